@@ -31,6 +31,10 @@ class Task:
     description: str = ""          # dataset description sentence for the prompt
     unseen_disease: bool = False   # zero-shot on a disease never trained on
     simulated: bool = False        # drawn from the simulated cohort (never evidence about patients)
+    # Record filters on ``record.extra`` (kept through YAML round trips):
+    #   min_extra: {key: threshold}   keep records whose extra[key] is a number >= threshold
+    #   require_extra: {key: [values]} keep records whose extra[key] is one of values
+    #   exclude_extra: {key: [values]} drop records whose extra[key] is one of values
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
@@ -47,10 +51,25 @@ class Task:
         if self.audio_type and record.audio_type and record.audio_type != self.audio_type:
             return None
         if record.diagnosis in self.positive:
-            return 1
-        if record.diagnosis in self.negative:
-            return 0
-        return None
+            y = 1
+        elif record.diagnosis in self.negative:
+            y = 0
+        else:
+            return None
+        return y if self._passes_extra_filters(record.extra or {}) else None
+
+    def _passes_extra_filters(self, rx: dict) -> bool:
+        for key, threshold in (self.extra.get("min_extra") or {}).items():
+            v = rx.get(key)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < threshold:
+                return False
+        for key, values in (self.extra.get("require_extra") or {}).items():
+            if rx.get(key) not in values:
+                return False
+        for key, values in (self.extra.get("exclude_extra") or {}).items():
+            if rx.get(key) in values:
+                return False
+        return True
 
     def select(self, records: Iterable) -> list[tuple[object, int]]:
         """(record, label) pairs of the task, in input order."""

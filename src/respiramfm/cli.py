@@ -22,6 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "embed": ("respiramfm.encoders.store", "compute and cache audio embeddings for a manifest"),
     "embed-text": ("respiramfm.llm.text_embed", "compute and cache frozen-LLM text targets for a manifest"),
     "align": ("respiramfm.align.train", "stage 1: contrastive audio-text alignment of the projector"),
+    "finetune": ("respiramfm.fusion.train", "stage 2: LLM fusion fine-tuning with LoRA and a linear head"),
+    "predict": ("respiramfm.fusion.predict", "probability of a condition for one recording (or a manifest)"),
+    "evaluate": ("respiramfm.evaluate.protocol", "run the T1-T9 protocol with baselines over seeds; write tables and the report"),
+    "serve": ("respiramfm.serve.app", "HTTP prediction API and web page for a saved model"),
     "demo": ("respiramfm.demo", "run the whole pipeline end to end on the embedded offline defaults"),
 }
 

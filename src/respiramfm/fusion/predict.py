@@ -1,0 +1,275 @@
+"""``respiramfm predict``: the probability of a condition for one recording, or for a manifest.
+
+One saved model directory is all a user needs: its ``config.json`` names the
+audio encoder (and checkpoint) and the front-end settings the model was trained
+with, so a raw audio file goes decode -> OPERA front end -> that encoder ->
+the model's frozen projector -> LLM, exactly as in training.
+
+Context comes from either free-text symptoms (used as written) or a metadata
+JSON object, rendered with the same template the training data used
+(:func:`respiramfm.data.templates.render_context`). A missing modality is not
+an error: the sample is scored with what it has, and the output says which
+modalities were used and warns about the rest.
+
+Batch mode writes the predictions CSV atomically at the end; while it runs,
+finished rows are appended to a hidden progress file, so a killed job resumes
+where it stopped. Records that fail (undecodable audio, bad embeddings) are
+written to an errors file with their cause; every record ends up in exactly one
+of the two files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from respiramfm.data.records import Record
+from respiramfm.errors import AudioDecodeError, CheckpointError, ConfigError, DataError, RespiraMFMError
+from respiramfm.fusion.predict_io import (CSV_FIELDS, ProgressLog, metadata_to_record, parse_metadata,
+                                          write_outputs)
+from respiramfm.fusion.sequence import FusionItem
+from respiramfm.utils.io import sha256_file
+
+
+class Predictor:
+    """A loaded model plus the audio path it was trained with (encoder built on first use)."""
+
+    def __init__(self, model, model_dir: str | os.PathLike | None = None, device: str = "cpu",
+                 encoder_checkpoint: str | None = None, encoder: Any = None):
+        self.model = model.eval()
+        self.model_dir = Path(model_dir) if model_dir is not None else None
+        self.device = device
+        self.encoder_checkpoint = encoder_checkpoint
+        self._encoder = encoder
+        self.model_id = self._model_id()
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device: str = "cpu",
+                        encoder_checkpoint: str | None = None) -> "Predictor":
+        from respiramfm.fusion.model import RespiraMFM
+
+        return cls(RespiraMFM.from_pretrained(directory, device=device), directory, device, encoder_checkpoint)
+
+    def _model_id(self) -> str:
+        if self.model_dir is not None and (self.model_dir / "config.json").is_file():
+            return f"{self.model_dir.name}@{sha256_file(self.model_dir / 'config.json')[:12]}"
+        return f"unsaved:{self.model.cfg.backbone}"
+
+    # ------------------------------------------------------------------ audio
+    @property
+    def frontend(self):
+        from respiramfm.audio import FrontendConfig
+        from respiramfm.encoders.registry import get_encoder
+
+        fe = self.model.cfg.encoder.frontend
+        return FrontendConfig(**fe) if fe else get_encoder(self.model.cfg.encoder.name).frontend
+
+    def _checkpoint_path(self, spec) -> str | None:
+        if not spec.needs_checkpoint:
+            return None
+        given = self.encoder_checkpoint or self.model.cfg.encoder.checkpoint
+        if not given:
+            raise ConfigError(f"the model's audio encoder {spec.name!r} needs a checkpoint and config.json names "
+                              "none; pass --encoder-checkpoint")
+        candidates = [Path(given)]
+        if self.model_dir is not None and not Path(given).is_absolute():
+            candidates.append(self.model_dir / given)
+        for c in candidates:
+            if c.is_file():
+                return str(c)
+        raise ConfigError(f"audio encoder checkpoint {given!r} not found; pass --encoder-checkpoint")
+
+    def encoder(self):
+        """The recorded audio encoder, built once; its weights must match the recorded hash."""
+        if self._encoder is None:
+            from respiramfm.encoders.registry import get_encoder
+
+            info = self.model.cfg.encoder
+            spec = get_encoder(info.name)
+            enc = spec.build(self._checkpoint_path(spec), self.device)
+            if info.weights_hash and enc.weights_hash != info.weights_hash:
+                raise CheckpointError(f"audio encoder weights {enc.weights_hash[:12]} differ from the ones the "
+                                      f"model was trained with ({info.weights_hash[:12]})")
+            if int(enc.out_dim) != self.model.in_dim:
+                raise CheckpointError(f"audio encoder gives {enc.out_dim}-d embeddings, the projector expects "
+                                      f"{self.model.in_dim}-d")
+            self._encoder = enc
+        return self._encoder
+
+    def embed_specs(self, specs: list[np.ndarray]) -> np.ndarray:
+        enc = self.encoder()
+        if self.model.cfg.n_audio_tokens > 1 or self.model.cfg.encoder.tokens:
+            return enc.encode_tokens(specs)
+        return enc.encode(specs)
+
+    def embed_file(self, path: str | os.PathLike) -> np.ndarray:
+        """One audio file -> the encoder embedding the model expects (AudioDecodeError if unusable)."""
+        from respiramfm.audio import load, opera_spectrogram_batch
+
+        p = Path(path)
+        if not p.is_file():
+            raise AudioDecodeError("audio file not found", path=p)
+        fe = self.frontend
+        wave = load(p, sr=fe.sr)
+        try:
+            spec = opera_spectrogram_batch([wave], fe)[0]
+        except AudioDecodeError as exc:
+            raise AudioDecodeError(exc.cause, path=p) from exc
+        return self.embed_specs([spec])[0]
+
+    # ------------------------------------------------------------------ single prediction
+    def _warnings(self, audio_given: bool, context_given: bool, used: tuple[str, ...]) -> list[str]:
+        mode = self.model.cfg.mode
+        out = []
+        if mode == "multimodal":
+            if not audio_given:
+                out.append("no audio given: scored from the context alone (text-only prompt); the model was "
+                           "trained with audio and context")
+            if not context_given:
+                out.append("no context given: scored from the audio alone; the model was trained with audio "
+                           "and context")
+        if mode == "audio_only" and context_given:
+            out.append("context ignored: the model is audio-only")
+        if mode == "text_only" and audio_given:
+            out.append("audio ignored: the model is text-only")
+        return out
+
+    def predict(self, audio_path: str | os.PathLike | None = None, symptoms: str | None = None,
+                metadata: dict | str | None = None, task: str | None = None, attribution: bool = False) -> dict:
+        """Probability that ``task``'s condition is present, with what was used and any warnings."""
+        if not task:
+            raise ConfigError("a task is required (e.g. --task T4)")
+        task_obj = self.model.get_task(task)
+        if symptoms is not None and metadata is not None:
+            raise ConfigError("give either free-text symptoms or metadata, not both")
+        audio_type = ""
+        context = None
+        if metadata is not None:
+            meta = parse_metadata(metadata) if isinstance(metadata, str) else metadata
+            record = metadata_to_record(meta)
+            audio_type = record.audio_type
+            context = render_metadata(record) if meta else None
+        elif symptoms is not None:
+            context = str(symptoms).strip() or None
+        if audio_path is None and context is None:
+            raise DataError("nothing to predict from: give an audio file and/or symptoms or metadata")
+        mode = self.model.cfg.mode
+        audio = None
+        if audio_path is not None and mode != "text_only":
+            audio = self.embed_file(audio_path)
+        item = FusionItem(task=task_obj, audio=audio, context=context, audio_type=audio_type,
+                          key=str(audio_path or "input"))
+        used = self.model.resolve(item).modalities
+        prob = float(self.model.predict_proba([item])[0])
+        out = {"probability": prob, "task": task_obj.name, "disease": task_obj.disease,
+               "modalities_used": list(used), "model": self.model_id,
+               "warnings": self._warnings(audio_path is not None, context is not None, used)}
+        if attribution:
+            out["attention"] = self.model.attention_attribution(item)
+        return out
+
+    # ------------------------------------------------------------------ batch prediction
+    def predict_manifest(self, manifest: str | os.PathLike, task: str, out: str | os.PathLike,
+                         errors: str | os.PathLike | None = None, batch_size: int = 16,
+                         resume: bool = True) -> dict:
+        """Predict every record of a manifest; returns a summary (counts and output paths)."""
+        from respiramfm.audio import opera_spectrogram_files
+        from respiramfm.data.records import read_manifest, resolve_audio_path
+
+        task_obj = self.model.get_task(task)
+        records = read_manifest(manifest)
+        out = Path(out)
+        errors = Path(errors) if errors else out.with_name(out.stem + ".errors.tsv")
+        log = ProgressLog(out, {"model": self.model_id, "task": task_obj.name, "manifest": str(manifest)},
+                          resume=resume)
+        todo = [r for r in records if not log.done(r.record_id)]
+        manifest_dir = Path(manifest).parent
+        use_audio = self.model.cfg.mode != "text_only"
+        for start in range(0, len(todo), max(1, batch_size)):
+            chunk = todo[start:start + max(1, batch_size)]
+            paths = {r.record_id: resolve_audio_path(r, manifest_dir) for r in chunk}
+            with_audio = [r for r in chunk if paths[r.record_id] is not None and use_audio]
+            specs = opera_spectrogram_files([paths[r.record_id] for r in with_audio], self.frontend) if with_audio else []
+            spec_of = dict(zip((r.record_id for r in with_audio), specs))
+            good = [(rid, s) for rid, s in spec_of.items() if not isinstance(s, Exception)]
+            embs = dict(zip((rid for rid, _ in good), self.embed_specs([s for _, s in good]))) if good else {}
+            items, rows = [], []
+            for r in chunk:
+                bad = spec_of.get(r.record_id)
+                if isinstance(bad, Exception):
+                    log.error(r.record_id, str(paths[r.record_id]), getattr(bad, "cause", str(bad)))
+                    continue
+                context = r.context or render_metadata(r)
+                item = FusionItem(task=task_obj, audio=embs.get(r.record_id), context=context,
+                                  audio_type=r.audio_type, key=r.record_id)
+                try:
+                    used = self.model.resolve(item).modalities
+                except RespiraMFMError as exc:
+                    log.error(r.record_id, str(paths[r.record_id] or ""), exc.cause)
+                    continue
+                label = task_obj.label(r)
+                warn = self._warnings(paths[r.record_id] is not None, bool(context.strip()), used)
+                items.append(item)
+                rows.append({"record_id": r.record_id, "patient_id": r.patient_id, "dataset": r.dataset,
+                             "split": r.split, "task": task_obj.name, "label": "" if label is None else label,
+                             "modalities_used": "+".join(used), "warnings": " | ".join(warn)})
+            probs = self.model.predict_proba(items, batch_size=batch_size) if items else []
+            for row, p in zip(rows, probs):
+                row["probability"] = f"{float(p):.8f}"
+                log.row(row)
+        n_rows, n_err = write_outputs(log, out, errors)
+        return {"predicted": n_rows, "errors": n_err, "records": len(records), "out": str(out),
+                "errors_file": str(errors), "model": self.model_id, "task": task_obj.name}
+
+
+def render_metadata(record: Record) -> str:
+    from respiramfm.data.templates import render_context
+
+    return render_context(record)
+
+
+# ---------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model directory written by `respiramfm finetune`")
+    parser.add_argument("--task", required=True, help="task name, e.g. T4 (see the model's config.json)")
+    parser.add_argument("--audio", help="one recording (wav, mp3, ogg, flac, webm...)")
+    text = parser.add_mutually_exclusive_group()
+    text.add_argument("--symptoms", help="free-text symptoms, used as the patient context as written")
+    text.add_argument("--metadata", help="patient metadata as a JSON object (or a path to a .json file); "
+                                         "keys: age, sex, symptoms, medical_history, smoker, location, audio_type")
+    parser.add_argument("--attribution", action="store_true", help="add the attention over the context tokens")
+    parser.add_argument("--manifest", help="predict every record of this manifest CSV instead of one recording")
+    parser.add_argument("--out", help="predictions CSV (batch mode)")
+    parser.add_argument("--errors", help="errors TSV (batch mode; default: next to --out)")
+    parser.add_argument("--no-resume", action="store_true", help="batch mode: ignore earlier progress")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--encoder-checkpoint", help="audio encoder checkpoint, if not where config.json says")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.manifest:
+        if not args.out:
+            raise ConfigError("--manifest needs --out")
+        if args.audio or args.symptoms or args.metadata or args.attribution:
+            raise ConfigError("--manifest cannot be combined with --audio/--symptoms/--metadata/--attribution")
+    elif not (args.audio or args.symptoms or args.metadata):
+        raise ConfigError("give --audio and/or --symptoms/--metadata (or --manifest with --out)")
+    predictor = Predictor.from_pretrained(args.model, device=args.device, encoder_checkpoint=args.encoder_checkpoint)
+    if args.manifest:
+        result = predictor.predict_manifest(args.manifest, args.task, args.out, args.errors,
+                                            batch_size=args.batch_size, resume=not args.no_resume)
+    else:
+        metadata = parse_metadata(args.metadata) if args.metadata else None
+        result = predictor.predict(audio_path=args.audio, symptoms=args.symptoms, metadata=metadata,
+                                   task=args.task, attribution=args.attribution)
+    print(json.dumps(result, sort_keys=True))
+    return 0
+
+
+__all__ = ["CSV_FIELDS", "Predictor", "add_arguments", "metadata_to_record", "parse_metadata", "run"]

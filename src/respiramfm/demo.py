@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint = args.opera_checkpoint
     else:
         steps = ["--set", "max_steps=20"] if args.quick else []
-        pre = ["pretrain-audio", "--manifest", str(manifest), "--out", str(out / "encoder")]
+        pre = ["pretrain-audio", "--resume", "--manifest", str(manifest), "--out", str(out / "encoder")]
         for o in PRETRAIN_DEFAULTS:
             pre += ["--set", o]
         _stage("pretrain-audio", pre + steps, timings)
@@ -76,7 +76,10 @@ def run(args: argparse.Namespace) -> int:
     _stage("embed-text", ["embed-text", "--manifest", str(manifest), "--out", str(out / "text_emb"),
                           "--backbone", args.backbone], timings)
 
-    align = ["align", "--set", f"audio_store={out / 'audio_emb'}", "--set", f"text_store={out / 'text_emb'}",
+    from respiramfm.encoders.store import EmbeddingStore
+
+    audio_dim = EmbeddingStore(out / "audio_emb").dim
+    align = ["align", "--set", f"projector.in_dim={audio_dim}", "--set", f"audio_store={out / 'audio_emb'}", "--set", f"text_store={out / 'text_emb'}",
              "--set", f"manifest={manifest}", "--set", f"out_dir={out / 'align'}", "--set", "progress=false"]
     for o in ALIGN_DEFAULTS + (["epochs=60"] if args.quick else []):
         align += ["--set", o]

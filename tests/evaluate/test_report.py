@@ -1,0 +1,59 @@
+"""report.html from an evaluation directory written by hand: figures, labels, data efficiency."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from respiramfm.errors import DataError
+from respiramfm.evaluate.report import build_report
+from respiramfm.evaluate.results import markdown_table
+
+
+def _summary(simulated: bool) -> dict:
+    nan = float("nan")
+    rows = [{"task": "T1", "group": "supervised", "system": "respiramfm", "dataset": "ukcovid19",
+             "simulated": simulated, "n_test": 4, "seeds": [0], "auroc_per_seed": {"0": 0.75}, "mean": 0.75,
+             "std": 0.0, "ci_low": 0.5, "ci_high": 1.0, "n": 4, "n_pos": 2, "n_patients": 4, "missing": 0,
+             "reason": ""},
+            {"task": "T5", "group": "zero-shot", "system": "respiramfm", "dataset": "coswara", "simulated": simulated,
+             "n_test": 0, "seeds": [], "auroc_per_seed": {}, "mean": nan, "std": nan, "ci_low": nan, "ci_high": nan,
+             "n": 0, "n_pos": 0, "n_patients": 0, "missing": 0, "reason": "no predictions"}]
+    return {"rows": rows, "averages": {"respiramfm": {"supervised": {"mean": 0.75, "std": 0.0, "n_tasks": 1},
+                                                      "zero-shot": {"mean": nan, "std": nan, "n_tasks": 0}}},
+            "systems": ["respiramfm"], "seeds": [0], "tasks": ["T1", "T5"], "simulated": simulated, "n_boot": 10}
+
+
+def _write(out, simulated: bool):
+    from respiramfm.evaluate.results import _jsonable
+
+    (out / "predictions" / "respiramfm").mkdir(parents=True)
+    (out / "predictions" / "respiramfm" / "seed0.csv").write_text(
+        "record_id,patient,task,label,prob\na,ds/a,T1,1,0.9\nb,ds/b,T1,0,0.2\nc,ds/c,T1,1,0.3\nd,ds/d,T1,0,0.4\n")
+    (out / "results.json").write_text(json.dumps(_jsonable(_summary(simulated))))
+
+
+@pytest.mark.parametrize("simulated", [False, True])
+def test_report_sections_and_simulated_label(tmp_path, simulated):
+    _write(tmp_path, simulated)
+    (tmp_path / "data_efficiency.json").write_text(json.dumps({
+        "simulated": simulated, "fractions": [0.1, 0.5, 1.0], "metric": "mean supervised AUROC",
+        "systems": {"respiramfm": {"mean": [0.6, 0.7, 0.75], "std": [0.05, 0.03, 0.02]}}}))
+    page = build_report(tmp_path).read_text()
+    assert len(re.findall(r"data:image/png;base64,", page)) == 2  # ROC T1 + data efficiency
+    assert (tmp_path / "figures" / "roc_T1.png").is_file() and (tmp_path / "figures" / "data_efficiency.png").is_file()
+    assert "0.750 ± 0.000 [0.500, 1.000]" in page and "no predictions" in page
+    assert ("SIMULATED" in page) is simulated
+
+
+def test_markdown_marks_simulated_rows():
+    md = markdown_table(_summary(True))
+    assert "| T1 (SIMULATED) | supervised | 4 (2) | 0.750 ± 0.000 [0.500, 1.000] |" in md
+    assert "| T5 (SIMULATED) | zero-shot | – | – |" in md and "SIMULATED data" in md
+
+
+def test_report_needs_results(tmp_path):
+    with pytest.raises(DataError, match="results.json"):
+        build_report(tmp_path)

@@ -50,7 +50,7 @@ QUICK = {"epochs": 2, "seeds": [0], "systems": ["respiramfm", "bts_frozen"], "n_
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    parser.add_argument("--quick", action="store_true", help="smaller cohort and shorter training (about 3 minutes)")
+    parser.add_argument("--quick", action="store_true", help="smaller cohort and shorter training")
     parser.add_argument("--seed", type=int, default=0, help="cohort seed")
     parser.add_argument("--backbone", default="smollm2-135m", help="LLM for text targets (default: offline SmolLM2)")
     parser.add_argument("--opera-checkpoint", default=None,

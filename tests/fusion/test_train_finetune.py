@@ -107,6 +107,7 @@ def test_only_lora_and_head_change(synth, tmp_path):
 
     cfg = load_config(FinetuneConfig, None, synth.sets(out_dir=tmp_path / "frozen", epochs=1, max_steps=4))
     data = load_finetune_data(cfg.manifests, cfg.audio_store, cfg.tasks, cfg.task_files)
+    torch.manual_seed(0)
     model = build_model(cfg, data, "cpu")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     buffers = {n: b.clone() for n, b in model.named_buffers()}
@@ -119,7 +120,9 @@ def test_only_lora_and_head_change(synth, tmp_path):
             continue
         assert torch.equal(p, after[n]), f"frozen parameter {n} changed"
     assert all(torch.equal(b, dict(model.named_buffers())[n]) for n, b in buffers.items())
-    assert any(not torch.equal(before[n], after[n]) for n in trainable_names)
+    trained_now = {k[len("cur::"):]: v for k, v in trainable(tmp_path / "frozen").items() if k.startswith("cur::")}
+    assert set(trained_now) == trainable_names  # the checkpoint holds exactly LoRA + head
+    assert all(not torch.equal(before[n], trained_now[n]) for n in trainable_names)
     assert not model.projector.training
 
 

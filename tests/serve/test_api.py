@@ -93,7 +93,10 @@ def test_health_tasks_openapi(client, predictor):
     assert health["limits"] == {"max_upload_bytes": 20 * 1024 * 1024, "max_seconds": 120.0}
     tasks = client.get("/tasks").json()["tasks"]
     names = [t["name"] for t in tasks]
-    assert names == sorted(predictor.model.tasks, key=lambda n: int(n[1:]))
+    from respiramfm.serve.engine import _task_order
+
+    assert names == sorted(predictor.model.tasks, key=_task_order)
+    assert [n for n in names if n in {f"T{i}" for i in range(1, 10)}] == [f"T{i}" for i in range(1, 10)]
     t4 = next(t for t in tasks if t["name"] == "T4")
     assert (t4["disease"], t4["role"]) == ("COPD", "supervised") and t4["description"]
     assert {t["role"] for t in tasks} <= {"supervised", "zero-shot"}

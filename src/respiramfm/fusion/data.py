@@ -131,12 +131,15 @@ def _examples(records: list, tasks: list, split: str, stores: list, need_audio: 
 
 def default_tasks(task_files: Sequence[str]) -> list[str]:
     """Supervised tasks: those of the given task files if any, else the built-in ones (T1-T4)."""
-    from respiramfm.data.tasks import all_tasks, load_tasks_yaml
+    from respiramfm.data.tasks import load_tasks_yaml
 
     if task_files:
         loaded = [t for f in task_files for t in load_tasks_yaml(f, overwrite=True)]
         return [t.name for t in loaded if t.role == "supervised"]
-    return sorted(n for n, t in all_tasks().items() if t.role == "supervised" and not t.simulated)
+    from respiramfm.data.task_defs import TASKS
+
+    # the paper's built-in tasks only, whatever else this process has registered
+    return sorted(t.name for t in TASKS if t.role == "supervised")
 
 
 def load_finetune_data(manifests: Sequence[str], audio_stores: Sequence[str], task_names: Sequence[str],

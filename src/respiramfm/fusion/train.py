@@ -43,7 +43,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,84 +51,12 @@ import torch
 
 from respiramfm.config import load_config, save_config, to_dict
 from respiramfm.errors import CheckpointError, ConfigError, DataError
-from respiramfm.fusion.data import MIXINGS
-from respiramfm.fusion.model import FusionConfig
 from respiramfm.utils.io import atomic_write_json, atomic_write_text
 
 FAULT_ENV = "RESPIRAMFM_FAULT_KILL_AFTER_STEP"  # test hook: SIGKILL this process after that optimiser step
-SCHEDULES = ("cosine", "official", "constant")
-# Settings that may change between a killed run and its resumption without changing the result.
-# Data paths may move: the data themselves are fingerprinted (and the projector hashed) separately.
-RESUME_FREE = ("out_dir", "device", "threads", "progress", "resume", "log_every", "manifests", "audio_store",
-               "task_files", "projector")
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-5
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    schedule: str = "cosine"    # cosine: per optimiser step to min_lr | official: per epoch, T_max | constant
-    min_lr: float = 1e-6
-    warmup_steps: int = 0
-    t_max: int = 10000          # "official" only: CosineAnnealingLR(T_max) stepped once per epoch
-    max_grad_norm: float = 0.0  # 0 = no clipping
-
-
-@dataclass
-class FinetuneConfig:
-    manifests: list[str] = field(default_factory=list)
-    task_files: list[str] = field(default_factory=list)    # extra task definitions (e.g. the simulated cohort's)
-    audio_store: list[str] = field(default_factory=list)   # `respiramfm embed` output dir(s)
-    projector: str = ""                                    # `respiramfm align` output dir
-    tasks: list[str] = field(default_factory=list)         # [] = every supervised task (T1-T4)
-    mixing: str = "concat"                                 # concat (official) | proportional | balanced
-    group_by_task: bool = True                             # task-homogeneous step batches (shared prompt)
-    group_by_length: bool = True
-    val_fraction: float = 0.15                             # only when the manifests have no val rows
-    model: FusionConfig = field(default_factory=FusionConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    batch_size: int = 4                                    # per process and accumulation round
-    grad_accum: int = 1
-    epochs: int = 20
-    max_steps: int = 0                                     # > 0: stop after that many optimiser steps
-    precision: str = "fp32"                                # fp32 | bf16
-    seed: int = 420
-    eval_every: int = 0                                    # optimiser steps between validations; 0 = per epoch
-    eval_batch_size: int = 32
-    select_metric: str = "auroc"                           # auroc (mean over tasks) | loss
-    patience: int = 0                                      # evaluations without improvement; 0 = never stop
-    checkpoint_every: int = 100                            # optimiser steps (and every epoch end)
-    resume: bool = True
-    out_dir: str = "runs/finetune"
-    device: str = "auto"                                   # auto | cpu | cuda
-    threads: int = 0                                       # torch CPU threads (0 = leave)
-    progress: bool = True
-    log_every: int = 10
-
-    def validate(self) -> "FinetuneConfig":
-        if self.mixing not in MIXINGS:
-            raise ConfigError(f"mixing must be one of {MIXINGS}, got {self.mixing!r}")
-        if self.optim.schedule not in SCHEDULES:
-            raise ConfigError(f"optim.schedule must be one of {SCHEDULES}, got {self.optim.schedule!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
-        if self.select_metric not in ("auroc", "loss"):
-            raise ConfigError(f"select_metric must be auroc or loss, got {self.select_metric!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        for name in ("batch_size", "grad_accum", "epochs", "checkpoint_every", "log_every", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if min(self.max_steps, self.eval_every, self.patience, self.threads, self.optim.warmup_steps) < 0:
-            raise ConfigError("max_steps, eval_every, patience, threads and optim.warmup_steps must be >= 0")
-        if not self.optim.lr > 0 or len(self.optim.betas) != 2:
-            raise ConfigError("optim.lr must be > 0 and optim.betas a pair")
-        if not self.projector and self.model.mode != "text_only":
-            raise ConfigError("projector is not set (the `respiramfm align` output directory)")
-        self.model.validate()
-        return self
+from respiramfm.fusion.train_config import (  # noqa: F401  (re-exported)
+    RESUME_FREE, SCHEDULES, FinetuneConfig, OptimConfig,
+)
 
 
 @dataclass

@@ -22,22 +22,12 @@ TINY = {"model.backbone": "tiny-llama", "model.tiny": {"hidden_size": 64, "num_l
         "optim.weight_decay": 0.0, "batch_size": 4, "epochs": 1, "threads": 1}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def eval_data(s):
     return load_eval_data(EvaluateConfig(manifests=[str(s.manifest)], task_files=[str(s.tasks)],
                                          audio_store=[str(s.store)], projector=str(s.projector)))
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    return make_synth(tmp_path_factory.mktemp("bl"))
 
 
 def test_all_systems_registered_with_the_protocol():

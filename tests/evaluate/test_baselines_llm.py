@@ -22,12 +22,7 @@ TINY = {"model.backbone": "tiny-llama", "model.tiny": {"hidden_size": 64, "num_l
 E2E = {"lr": 0.003, "batch_size": 8, "epochs": 2, "patience": 0, "mixing": "concat"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def eval_data(synth):
@@ -35,11 +30,6 @@ def eval_data(synth):
 
     return load_eval_data(EvaluateConfig(manifests=[str(synth.manifest)], task_files=[str(synth.tasks)],
                                          audio_store=[str(synth.store)], projector=str(synth.projector)))
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    return make_synth(tmp_path_factory.mktemp("bl_llm"))
 
 
 def tiny_cfg(**kw) -> FusionConfig:

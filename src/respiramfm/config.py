@@ -164,3 +164,13 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
     from respiramfm.utils.io import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def add_config_arguments(parser, config_help: str, example: str) -> None:
+    """The ``--config FILE`` / ``--set key=value`` pair every config-driven subcommand takes.
+
+    Parsed values land in ``args.config`` and ``args.overrides`` (for :func:`load_config`).
+    """
+    parser.add_argument("--config", help=config_help)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a config key (dotted, YAML value), e.g. {example}")

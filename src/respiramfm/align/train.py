@@ -42,7 +42,7 @@ from respiramfm.align.data import AlignData, PairSet, load_align_data
 from respiramfm.align.losses import LOSS_KINDS, ContrastiveLoss
 from respiramfm.align.metrics import alignment, retrieval_metrics, uniformity
 from respiramfm.align.projector import Projector, ProjectorConfig, build_projector, save_projector
-from respiramfm.config import load_config, save_config, to_dict
+from respiramfm.config import add_config_arguments, load_config, save_config, to_dict
 from respiramfm.errors import CheckpointError, ConfigError, DataError
 from respiramfm.utils.io import atomic_write_json, atomic_write_text
 
@@ -337,10 +337,8 @@ def _figure(data: AlignData, model: Projector, path: Path, seed: int, threads: i
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config (e.g. configs/align.yaml); defaults to the built-in recipe")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key (dotted, YAML value), "
-                             "e.g. --set loss=infonce --set projector.final=official")
+    add_config_arguments(parser, "YAML config (e.g. configs/align.yaml); defaults to the built-in recipe",
+                         "--set loss=infonce --set projector.final=official")
     parser.add_argument("--fresh", action="store_true", help="ignore (and replace) a checkpoint already in out_dir")
 
 

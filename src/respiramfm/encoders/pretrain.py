@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from respiramfm.audio import FrontendConfig
-from respiramfm.config import load_config, save_config, to_dict
+from respiramfm.config import add_config_arguments, load_config, save_config, to_dict
 from respiramfm.errors import ConfigError, DataError
 
 # Settings that may change between a run and its resumption (they do not alter the result).
@@ -325,9 +325,8 @@ def _pretrain(cfg: PretrainConfig, resume: bool) -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config (see configs/pretrain_audio*.yaml); defaults otherwise")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set batch_size=32 --set encoder.embed_dim=16")
+    add_config_arguments(parser, "YAML config (see configs/pretrain_audio*.yaml); defaults otherwise",
+                         "--set batch_size=32 --set encoder.embed_dim=16")
     parser.add_argument("--manifest", action="append", default=[], help="manifest CSV (repeatable; replaces manifests)")
     parser.add_argument("--out", help="output directory (overrides out_dir)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from respiramfm.config import load_config, save_config, to_dict
+from respiramfm.config import add_config_arguments, load_config, save_config, to_dict
 from respiramfm.errors import ConfigError, DataError
 from respiramfm.fusion.train import FinetuneConfig
 from respiramfm.utils.io import atomic_write_json, atomic_write_text, sha256_file
@@ -333,9 +333,8 @@ def evaluate(cfg: EvaluateConfig, log=print) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config (configs/evaluate.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set seeds=[0] --set systems=[respiramfm,respllm]")
+    add_config_arguments(parser, "YAML config (configs/evaluate.yaml)",
+                         "--set seeds=[0] --set systems=[respiramfm,respllm]")
     parser.add_argument("--textcheck", metavar="DATA_ROOT", default=None,
                         help="instead: the text-only COVID check on the real Coswara/Coughvid metadata under "
                              "DATA_ROOT (writes OUT/textcheck.json)")

@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from respiramfm.config import load_config, save_config, to_dict
+from respiramfm.config import add_config_arguments, load_config, save_config, to_dict
 from respiramfm.errors import CheckpointError, ConfigError, DataError
 from respiramfm.utils.io import atomic_write_json, atomic_write_text
 
@@ -449,10 +449,8 @@ def _write_reports(out: Path, cfg, data, st: dict, best_row: dict, steps_run: in
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config (configs/finetune.yaml, configs/finetune_official.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key (dotted, YAML value), e.g. --set batch_size=8 "
-                             "--set model.lora.r=8 --set tasks=[T1,T4]")
+    add_config_arguments(parser, "YAML config (configs/finetune.yaml, configs/finetune_official.yaml)",
+                         "--set batch_size=8 --set model.lora.r=8 --set tasks=[T1,T4]")
     parser.add_argument("--fresh", action="store_true", help="ignore (and replace) checkpoints already in out_dir")
 
 

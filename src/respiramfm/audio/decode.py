@@ -175,6 +175,14 @@ def _check_finite(y: np.ndarray, src: _Source, sr: int) -> None:
     raise src.error(f"{bad} of {finite.size} samples are NaN or infinite (first at {first / sr:.3f} s)")
 
 
+def _check_overflow(y: np.ndarray, src: _Source) -> np.ndarray:
+    """Finite samples near the float32 limit (|x| ~ 1e36 and up) can still overflow to inf/NaN
+    when channels are averaged or soxr resamples; never hand such a waveform on."""
+    if not np.isfinite(y).all():
+        raise src.error("sample values too large: mixing channels or resampling overflowed float32 (NaN/inf)")
+    return y
+
+
 def _check_length(frames: int, sr: int, src: _Source, max_seconds: float | None) -> None:
     if max_seconds is not None and frames > max_seconds * sr:
         raise src.error(f"recording is longer than max_seconds={max_seconds:g} s ({frames / sr:.1f} s)")
@@ -187,7 +195,8 @@ def _to_mono(y: np.ndarray) -> np.ndarray:
     """Mean over channels of a (frames, channels) block, as librosa.to_mono does it."""
     if y.ndim == 1:
         return y
-    return np.mean(y.T, axis=0)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported by _check_overflow
+        return np.mean(y.T, axis=0)
 
 
 def _decode_soundfile(src: _Source, max_seconds: float | None) -> tuple[np.ndarray, int]:
@@ -318,12 +327,14 @@ def _finish(src: _Source, sr: int | None, max_seconds: float | None) -> np.ndarr
     if sr is not None and (int(sr) != sr or sr <= 0):
         raise ValueError(f"sr must be a positive integer, got {sr!r}")
     y, native = _decode(src, max_seconds)
-    return y if sr is None else resample(y, native, int(sr))
+    return _check_overflow(y if sr is None else resample(y, native, int(sr)), src)
 
 
 def decode_native(path: PathLike, *, max_seconds: float | None = DEFAULT_MAX_SECONDS) -> tuple[np.ndarray, int]:
     """Decode ``path`` at its own sample rate: ``(mono float32 waveform, rate)``."""
-    return _decode(_Source(os.fspath(path), path=Path(path)), max_seconds)
+    src = _Source(os.fspath(path), path=Path(path))
+    y, sr = _decode(src, max_seconds)
+    return _check_overflow(y, src), sr
 
 
 def load(path: PathLike, sr: int = 16000, *, max_seconds: float | None = DEFAULT_MAX_SECONDS) -> np.ndarray:

@@ -19,6 +19,7 @@ Given the same records and seed the result is identical.
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 from collections import Counter, defaultdict
 from typing import Iterable, Sequence
@@ -112,8 +113,11 @@ def assign_splits(records: Iterable[Record], fractions: Sequence[float] = (0.7, 
     return [dataclasses.replace(r, split=decided[_patient_key(r)]) for r in records]
 
 
-def check_no_leakage(records: Iterable[Record]) -> None:
-    """Raise :class:`DataError` naming every patient whose records sit in more than one split."""
+def check_no_leakage(records: Iterable[Record], path: str | os.PathLike | None = None) -> None:
+    """Raise :class:`DataError` naming every patient whose records sit in more than one split.
+
+    ``path``, when given, is the file the records came from; the error names it.
+    """
     seen: dict[tuple[str, str], set[str]] = defaultdict(set)
     for r in records:
         if r.split:
@@ -122,7 +126,7 @@ def check_no_leakage(records: Iterable[Record]) -> None:
     if leaks:
         shown = "; ".join(f"{pid} ({ds}) in {'+'.join(s)}" for (ds, pid), s in leaks[:20])
         more = f" and {len(leaks) - 20} more" if len(leaks) > 20 else ""
-        raise DataError(f"{len(leaks)} patient(s) appear in more than one split: {shown}{more}")
+        raise DataError(f"{len(leaks)} patient(s) appear in more than one split: {shown}{more}", path=path)
 
 
 def split_summary(records: Iterable[Record]) -> dict[str, dict[str, int]]:

@@ -14,11 +14,11 @@ built-in adapters do: sex to male/female, smoker to yes/no, symptom and history 
 (split on ``;``, ``,`` or ``|``) to lower-case phrases with "none"/"no" meaning
 explicitly none, split to train/val/test.
 
-Errors: an unreadable CSV, a mapped column that is absent, or a repeated record id
-(the file is ambiguous and only its owner can say which row is right) raise
-:class:`DataError`; a row with a bad value (unknown split, a label outside
-``--labels``, wrong field count) is reported and skipped; a missing audio file
-keeps its record as metadata-only and is reported.
+Errors: an unreadable CSV, a mapped column that is absent, a repeated record id or a
+patient given two different splits (the file is ambiguous and only its owner can say
+which row is right) raise :class:`DataError` naming the CSV; a row with a bad value
+(unknown split, a label outside ``--labels``, wrong field count) is reported and
+skipped; a missing audio file keeps its record as metadata-only and is reported.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from respiramfm.data.datasets.common import (
     AdapterResult, clean, join_phrases, parse_age, parse_bool, parse_sex, read_csv,
 )
 from respiramfm.data.records import Record
+from respiramfm.data.splits import check_no_leakage
 from respiramfm.data.templates import render_context
 from respiramfm.errors import ConfigError, DataError
 
@@ -164,4 +165,5 @@ def load_generic(root: str | Path, csv: str | Path | None = None, columns: str =
         )
         rec.context = render_context(rec)
         res.records.append(rec)
+    check_no_leakage(res.records, path=csv_path)  # a patient put in two splits by this file: name the file
     return res

@@ -212,3 +212,18 @@ def test_without_lora_round_trip(tmp_path):
     assert not (d / "adapter").exists()
     np.testing.assert_array_equal(RespiraMFM.from_pretrained(d).predict_proba(items()),
                                   model.predict_proba(items()))
+
+
+def test_a_cut_llm_saves_and_loads_at_its_depth(tmp_path):
+    """``model.num_layers`` survives the save/load round trip with identical probabilities."""
+    model = build("llama", num_layers=1)
+    assert model.backbone.num_layers == 1 and model.base_identity["layers"] == "first 1 of 2"
+    d = model.save_pretrained(tmp_path / "cut")
+    again = RespiraMFM.from_pretrained(d)
+    assert again.backbone.num_layers == 1 and again.cfg.num_layers == 1
+    want = model.predict_proba(items())
+    np.testing.assert_allclose(again.predict_proba(items()), want, rtol=0, atol=1e-6)
+    full = build("llama")  # same seed, every layer: different outputs
+    assert not np.allclose(full.predict_proba(items()), want, atol=1e-4)
+    with pytest.raises(ConfigError, match="num_layers must be >= 0"):
+        build("llama", num_layers=-1)

@@ -121,3 +121,29 @@ def test_load_backbone_errors(tmp_path):
         tiny_backbone("mamba")
     with pytest.raises(ConfigError, match="no field"):
         tiny_backbone("llama", not_a_field=1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi"])
+def test_keep_first_layers_equals_the_first_layers_of_the_full_model(arch, tiny):
+    """A cut backbone computes exactly the full model's first N layers, then its final norm."""
+    full, cut = tiny(arch, num_layers=3, seed=5), tiny(arch, num_layers=3, seed=5)
+    ident = full.identity()
+    assert cut.keep_first_layers(2) is cut
+    assert cut.num_layers == 2 and cut.truncated_from == 3 and len(cut.decoder().layers) == 2
+    assert cut.model.config.num_hidden_layers == 2
+    assert cut.n_params == sum(p.numel() for p in cut.model.parameters()) < full.n_params
+    enc = full.tokenizer(["Patient presents with wheezing.", "Smoker."], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        hs = full.decoder()(**enc, output_hidden_states=True).hidden_states
+        want = full.decoder().final_layernorm(hs[2]) if arch == "phi" else full.decoder().norm(hs[2])
+        got = cut.decoder()(**enc).last_hidden_state
+        last_full = full.decoder()(**enc).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, last_full, atol=1e-3)  # the third layer really is gone
+    # The identity records the cut (text targets and saved models of other depths never match).
+    assert cut.identity()["layers"] == "first 2 of 3" and "layers" not in ident
+    assert cut.identity() != ident and cut.identity()["tokenizer"] == ident["tokenizer"]
+    assert cut.keep_first_layers(2).num_layers == 2  # keeping every remaining layer is a no-op
+    for bad in (0, 3, -1):
+        with pytest.raises(ConfigError, match="num_layers must lie in"):
+            cut.keep_first_layers(bad)

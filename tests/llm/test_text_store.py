@@ -190,3 +190,24 @@ def test_cli_with_local_backbone(tiny, manifest, tmp_path, capsys):
 def test_text_key_is_exact_text():
     assert text_key("Age: 3.") != text_key("Age: 3. ")
     assert text_key("") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+
+
+def test_cli_num_layers_embeds_with_the_cut_llm_in_its_own_store(tiny, manifest, tmp_path, capsys):
+    path, ctx = manifest
+    bb = tiny("llama", num_layers=3, seed=4)
+    bb.model.save_pretrained(tmp_path / "llama-tiny")
+    bb.tokenizer.save_pretrained(tmp_path / "llama-tiny")
+    base = ["embed-text", "--manifest", str(path), "--backbone", str(tmp_path / "llama-tiny"), "--batch-size", "4"]
+    assert cli.main(base + ["--out", str(tmp_path / "cut"), "--num-layers", "1"]) == 0
+    store = TextTargetStore(tmp_path / "cut")
+    assert store.meta["backbone"]["layers"] == "first 1 of 3"
+    want = text_embed.text_targets(tiny("llama", num_layers=3, seed=4).keep_first_layers(1), [ctx[3]],
+                                   "hidden_mean")[0].numpy()
+    np.testing.assert_allclose(store.get("r3"), want, atol=1e-5, rtol=0)
+    full = text_embed.text_targets(bb, [ctx[3]], "hidden_mean")[0].numpy()
+    assert not np.allclose(store.get("r3"), full, atol=1e-3)
+    capsys.readouterr()
+    # The same folder cannot silently mix depths: a full-depth run is refused.
+    assert cli.main(base + ["--out", str(tmp_path / "cut")]) == 1
+    assert cli.main(base + ["--out", str(tmp_path / "x"), "--num-layers", "-1"]) == 1
+    assert "--num-layers >= 0" in capsys.readouterr().err

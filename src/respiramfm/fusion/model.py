@@ -51,6 +51,7 @@ class FusionConfig:
     backbone: str = "smollm2-135m"
     revision: str | None = None
     dtype: str = "float32"
+    num_layers: int = 0                            # > 0: keep only the LLM's first N decoder layers (CPU demo)
     tiny: dict = field(default_factory=dict)       # tiny_backbone kwargs for backbone "tiny-<arch>"
     order: list[str] = field(default_factory=lambda: list(SEGMENTS))
     n_audio_tokens: int = 1
@@ -71,6 +72,8 @@ class FusionConfig:
             raise ConfigError(f"fusion.mode must be one of {MODES}, got {self.mode!r}")
         if self.n_audio_tokens < 1:
             raise ConfigError(f"fusion.n_audio_tokens must be >= 1, got {self.n_audio_tokens}")
+        if self.num_layers < 0:
+            raise ConfigError(f"fusion.num_layers must be >= 0 (0 = every layer), got {self.num_layers}")
         if self.max_context_tokens < 1:
             raise ConfigError(f"fusion.max_context_tokens must be >= 1, got {self.max_context_tokens}")
         if self.padding_side not in ("left", "right"):
@@ -92,10 +95,12 @@ def load_configured_backbone(cfg: FusionConfig, device: str | torch.device = "cp
     if cfg.backbone.startswith("tiny-"):
         kw = dict(cfg.tiny)
         kw.setdefault("attn_implementation", cfg.attn_implementation)
-        return tiny_backbone(cfg.backbone[len("tiny-"):], dtype=cfg.dtype, device=device,
-                             padding_side=cfg.padding_side, **kw)
-    return load_backbone(cfg.backbone, dtype=cfg.dtype, revision=cfg.revision, device=device,
-                         padding_side=cfg.padding_side, attn_implementation=cfg.attn_implementation)
+        bb = tiny_backbone(cfg.backbone[len("tiny-"):], dtype=cfg.dtype, device=device,
+                           padding_side=cfg.padding_side, **kw)
+    else:
+        bb = load_backbone(cfg.backbone, dtype=cfg.dtype, revision=cfg.revision, device=device,
+                           padding_side=cfg.padding_side, attn_implementation=cfg.attn_implementation)
+    return bb.keep_first_layers(cfg.num_layers) if cfg.num_layers else bb
 
 
 class RespiraMFM(nn.Module):

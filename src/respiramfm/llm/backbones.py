@@ -53,6 +53,7 @@ class Backbone:
     num_layers: int = 0
     source: str = ""  # what was actually read: a folder, a GGUF file, or "config"
     weights_id: str | None = None  # cheap content identity when known (GGUF hash, hub commit)
+    truncated_from: int = 0  # original depth when keep_first_layers() cut the decoder
     _identity: dict[str, str] | None = field(default=None, repr=False)
 
     @property
@@ -97,7 +98,39 @@ class Backbone:
                 "tokenizer": f"sha256:{tokenizer_digest(self.tokenizer)}",
                 "dtype": str(self.dtype).replace("torch.", ""),
             }
+            if self.truncated_from:
+                self._identity["layers"] = f"first {self.num_layers} of {self.truncated_from}"
         return dict(self._identity)
+
+    def keep_first_layers(self, n: int) -> "Backbone":
+        """Drop every decoder layer after the first ``n`` (in place; ``n`` = all is a no-op).
+
+        A shallower LLM for compute-bound settings (the CPU demo): the embeddings, the first
+        ``n`` layers and the final norm keep their pretrained weights. The identity records
+        the cut, so text targets and saved models of different depths never mix.
+        """
+        inner = self.decoder()
+        attr = "layers" if hasattr(inner, "layers") else "h"
+        layers = getattr(inner, attr, None)
+        if not isinstance(layers, torch.nn.ModuleList):
+            raise ConfigError(f"cannot find the decoder layers of architecture {self.arch!r}")
+        total = len(layers)
+        if not 1 <= n <= total:
+            raise ConfigError(f"num_layers must lie in [1, {total}] for this backbone, got {n}")
+        if n == total:
+            return self
+        setattr(inner, attr, torch.nn.ModuleList(list(layers)[:n]))
+        cfg = self.model.config
+        for key in ("num_hidden_layers", "n_layer"):
+            if hasattr(cfg, key):
+                setattr(cfg, key, n)
+        if isinstance(getattr(cfg, "layer_types", None), list):
+            cfg.layer_types = cfg.layer_types[:n]
+        self.truncated_from = self.truncated_from or total
+        self.num_layers = n
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        self._identity = None
+        return self
 
 
 def as_dtype(dtype: torch.dtype | str) -> torch.dtype:

@@ -137,15 +137,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="texts per forward pass")
     parser.add_argument("--chunk-size", type=int, default=256, help="texts per persisted chunk (resume granularity)")
     parser.add_argument("--dtype", default="float32", help="backbone dtype: float32, bfloat16 or float16")
+    parser.add_argument("--num-layers", type=int, default=0,
+                        help="keep the LLM's first N decoder layers (0 = all; match stage 2's model.num_layers)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
 
 
 def run(args: argparse.Namespace) -> int:
     from respiramfm.llm.backbones import load_backbone
 
-    if args.max_tokens < 1 or args.batch_size < 1 or args.chunk_size < 1:
-        raise ConfigError("--max-tokens, --batch-size and --chunk-size must be positive")
+    if args.max_tokens < 1 or args.batch_size < 1 or args.chunk_size < 1 or args.num_layers < 0:
+        raise ConfigError("--max-tokens, --batch-size and --chunk-size must be positive, --num-layers >= 0")
     backbone = load_backbone(args.backbone, dtype=args.dtype, revision=args.revision, device=args.device)
+    if args.num_layers:
+        backbone.keep_first_layers(args.num_layers)
     report = embed_manifest(args.manifest, args.out, backbone, space=args.space, max_tokens=args.max_tokens,
                             batch_size=args.batch_size, chunk_size=args.chunk_size)
     print(f"embed-text: {report['records']} records, {report['unique_texts']} unique texts "

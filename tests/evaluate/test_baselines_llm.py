@@ -14,6 +14,7 @@ from finetune_synth import IN_DIM, make_synth  # noqa: E402
 
 from respiramfm.data.records import read_manifest  # noqa: E402
 from respiramfm.evaluate import baselines  # noqa: E402
+from respiramfm.errors import ConfigError  # noqa: E402
 from respiramfm.evaluate.baselines_llm import EndToEndConfig, build_respllm, train_end_to_end  # noqa: E402
 from respiramfm.fusion.model import FusionConfig  # noqa: E402
 
@@ -150,3 +151,23 @@ def test_respllm_on_a_token_grid_store_with_flatten_head(synth, tmp_path):
     assert probs.shape == (len(data.val),) and ((probs >= 0) & (probs <= 1)).all()
     with pytest.raises(Exception, match="expects"):  # a pooled store does not fit a 4-token model
         prepare_raw(model, _fdata(synth).val)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_end_to_end_training_runs_its_llm_under_the_chosen_precision(synth, precision):
+    """bf16 autocasts the training forward passes (the demo's CPU setting); fp32 never does."""
+    data = _fdata(synth)
+    model = build_respllm(tiny_cfg(), in_dim=IN_DIM, head="last", seed=1, tasks=data.tasks)
+    seen: set[tuple[bool, torch.dtype]] = set()
+    q_proj = model.inner_decoder().layers[0].self_attn.q_proj
+    hook = q_proj.register_forward_hook(lambda m, i, o: seen.add((model.training, o.dtype)))
+    try:
+        result = train_end_to_end(model, data, EndToEndConfig(**{**E2E, "epochs": 1, "precision": precision}))
+    finally:
+        hook.remove()
+    trained = {d for training, d in seen if training}
+    assert trained == ({torch.bfloat16} if precision == "bf16" else {torch.float32})
+    assert {d for training, d in seen if not training} == {torch.float32}  # validation stays fp32
+    assert result["steps"] > 0 and all(p.dtype == torch.float32 for p in model.parameters())
+    with pytest.raises(ConfigError, match="precision"):
+        EndToEndConfig(precision="fp16").validate()

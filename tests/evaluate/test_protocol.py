@@ -150,3 +150,31 @@ def test_cli_reports_errors_cleanly(synth, tmp_path, capsys):
     rc = cli.main(["evaluate", "--set", f"manifests=[{tmp_path / 'missing.csv'}]", "--set",
                    f"out_dir={tmp_path / 'o'}"])
     assert rc == 1 and "respiramfm evaluate: error" in capsys.readouterr().err
+
+
+def test_data_efficiency_hook_runs_nested_fractions_and_reaches_the_report(synth, tmp_path):
+    out = tmp_path / "eff_out"
+    cfg = load_config(EvaluateConfig, None, overrides(synth, out, systems="[test_audio_lr]", seeds="[0]",
+                                                       data_efficiency="test_audio_lr",
+                                                       efficiency_fractions="[0.25, 1.0]"))
+    before = len(calls)
+    evaluate(cfg, log=lambda *_: None)
+    assert len(calls) == before + 1 + 2  # the main unit, then one retraining per fraction (first seed)
+    eff = json.loads((out / "efficiency" / "data_efficiency.json").read_text())
+    assert eff["fractions"] == [0.25, 1.0] and eff["seeds"] == [0] and eff["simulated"] is True
+    curve = eff["systems"]["test_audio_lr"]["mean"]
+    assert len(curve) == 2 and all(0.0 <= v <= 1.0 for v in curve)
+    full = json.loads((out / "results.json").read_text())
+    mains = [r["mean"] for r in full["rows"] if r["system"] == "test_audio_lr" and r["group"] == "supervised"]
+    assert curve[-1] == pytest.approx(float(np.mean(mains)), abs=1e-9)  # 100 % = the main run's fit
+    page = (out / "report.html").read_text()
+    assert "Data efficiency" in page and "SIMULATED data. test_audio_lr retrained" in page
+    evaluate(cfg, log=lambda *_: None)  # resumes: nothing retrained
+    assert len(calls) == before + 3
+    bad = load_config(EvaluateConfig, None, overrides(synth, out, systems="[test_audio_lr]",
+                                                       data_efficiency="test_audio_lr", efficiency_fractions="[0, 1]"))
+    with pytest.raises(ConfigError, match="efficiency_fractions"):
+        evaluate(bad, log=lambda *_: None)
+    with pytest.raises(ConfigError):
+        evaluate(load_config(EvaluateConfig, None, overrides(synth, out, systems="[test_audio_lr]",
+                                                             data_efficiency="nope")), log=lambda *_: None)

@@ -77,6 +77,21 @@ def test_cached_inference_matches_the_uncached_path(arch):
     np.testing.assert_allclose(probs, torch.softmax(reference.double(), -1)[:, 1].numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_audio_first_order_is_batched_by_length_and_matches_the_reference(padding_side):
+    """The paper order [audio | prompt | context] has no shared prefix: length-sorted batches, same logits."""
+    model = make_model("llama", order=["audio", "prompt", "context"], padding_side=padding_side)
+    its = items()
+    with torch.no_grad():
+        reference = model(model.collate(its))
+    resolved = items_to_resolved(model, its)
+    for bs in (1, 3, 32):
+        got = predict_logits(model, resolved, batch_size=bs)
+        assert (got - reference).abs().max() < 1e-4, bs
+    torch.testing.assert_close(predict_logits(model, resolved, batch_size=3, use_cache=False), reference,
+                               rtol=0, atol=1e-4)
+
+
 def test_right_padded_suffix_after_the_cache_is_exercised():
     model = make_model("llama")
     resolved = items_to_resolved(model, items()[:4])

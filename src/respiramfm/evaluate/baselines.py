@@ -161,6 +161,7 @@ def _end_to_end(data, seed, work_dir, options, kind: str) -> dict:
     e2e = from_dict(EndToEndConfig, {**dict(options.get("e2e") or {}), "seed": seed}, where="options.e2e")
     if options.get("quick"):
         e2e.epochs = min(e2e.epochs, 2)
+    e2e.precision = e2e.precision or cfg.precision
     fdata = load_finetune_data(cfg.manifests, cfg.audio_store, cfg.tasks, cfg.task_files, cfg.val_fraction)
     in_dim = int(fdata.train.audio.shape[-1])
     if kind == "respllm":

@@ -145,6 +145,7 @@ class EndToEndConfig:
     select_metric: str = "auroc"  # RespiraMFM's rule (mean validation AUROC); "loss" = validation CE
     patience: int = 2
     eval_batch_size: int = 32
+    precision: str = ""           # fp32 | bf16 (autocast); "" = the protocol's fine-tuning precision
     seed: int = 42
 
     def validate(self) -> "EndToEndConfig":
@@ -152,6 +153,8 @@ class EndToEndConfig:
             raise ConfigError(f"optimizer must be adam or adamw, got {self.optimizer!r}")
         if self.select_metric not in ("auroc", "loss"):
             raise ConfigError(f"select_metric must be auroc or loss, got {self.select_metric!r}")
+        if self.precision not in ("", "fp32", "bf16"):
+            raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
         if self.batch_size < 1 or self.epochs < 1 or self.patience < 0 or not self.lr > 0:
             raise ConfigError("batch_size and epochs must be >= 1, patience >= 0, lr > 0")
         return self
@@ -244,7 +247,8 @@ def train_end_to_end(model: EndToEndModel, data, cfg: EndToEndConfig) -> dict:
             if epoch:  # epoch 0 = the untrained model, a candidate like in RespiraMFM's trainer
                 model.train()
                 for batch in plan_epoch(train.tasks, train.lengths, cfg.batch_size, cfg.mixing, cfg.seed, epoch - 1):
-                    logits = shared_prefix_logits(model, resolved_batch(model, train, batch.tolist()))
+                    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                        logits = shared_prefix_logits(model, resolved_batch(model, train, batch.tolist()))
                     loss = loss_fn(logits.float(), train.labels[batch].to(logits.device))
                     opt.zero_grad(set_to_none=True)
                     loss.backward()

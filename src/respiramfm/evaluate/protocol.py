@@ -57,6 +57,9 @@ class EvaluateConfig:
     out_dir: str = "runs/evaluate"
     report: bool = True                                     # write report.html at the end
     quick: bool = False                                     # passed to systems (shorter training)
+    data_efficiency: str = ""                               # a system to retrain on nested training fractions
+    efficiency_fractions: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1, 0.25, 0.5, 1.0])
+    efficiency_seeds: list[int] = field(default_factory=list)  # [] = the first of `seeds`
 
     def validate(self) -> "EvaluateConfig":
         if not self.manifests:
@@ -67,6 +70,8 @@ class EvaluateConfig:
             raise ConfigError(f"seeds must be a non-empty list of distinct integers, got {self.seeds!r}")
         if self.n_boot < 0:
             raise ConfigError("n_boot must be >= 0")
+        if self.data_efficiency and not all(0 < f <= 1 for f in self.efficiency_fractions or [0]):
+            raise ConfigError(f"efficiency_fractions must lie in (0, 1], got {self.efficiency_fractions!r}")
         return self
 
 
@@ -296,9 +301,17 @@ def provenance(cfg: EvaluateConfig, data: EvalData) -> dict:
                       for n, t in data.tasks.items()}}
 
 
+def _options(cfg: EvaluateConfig, name: str) -> dict:
+    import copy
+
+    options = dict(cfg.systems_options.get(name) or {})
+    options["quick"] = cfg.quick
+    options["finetune"] = copy.deepcopy(cfg.finetune)  # the LLM baselines start from it too
+    return options
+
+
 def evaluate(cfg: EvaluateConfig, log=print) -> dict:
     """Run every unfinished (system, seed) unit, then write the tables (and the report)."""
-    import copy
 
     from respiramfm.evaluate.results import summarise, write_tables
 
@@ -307,6 +320,8 @@ def evaluate(cfg: EvaluateConfig, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     data = load_eval_data(cfg)
     fns = {name: get_system(name) for name in cfg.systems}  # unknown names fail before any work
+    if cfg.data_efficiency:
+        get_system(cfg.data_efficiency)
     save_config(cfg, out / "config.yaml")
     atomic_write_json(out / "provenance.json", provenance(cfg, data))
     for seed in cfg.seeds:
@@ -316,13 +331,17 @@ def evaluate(cfg: EvaluateConfig, log=print) -> dict:
                 log(f"[evaluate] {name} seed {seed}: done earlier ({path})")
                 continue
             path.parent.mkdir(parents=True, exist_ok=True)
-            options = dict(cfg.systems_options.get(name) or {})
-            options["quick"] = cfg.quick
-            options["finetune"] = copy.deepcopy(cfg.finetune)  # the LLM baselines start from it too
             log(f"[evaluate] {name} seed {seed}: fitting and predicting")
-            preds = fn(data, int(seed), out / "work" / name / f"seed{seed}", options)
+            preds = fn(data, int(seed), out / "work" / name / f"seed{seed}", _options(cfg, name))
             n = _write_predictions(path, data, preds, name)
             log(f"[evaluate] {name} seed {seed}: {n} test predictions -> {path}")
+    if cfg.data_efficiency:  # nested fractions of the training patients; resumes from its own predictions
+        from respiramfm.evaluate.efficiency import data_efficiency
+
+        options = _options(cfg, cfg.data_efficiency)
+        options.pop("finetune_dir", None)  # never reuse (or overwrite) the full-data runs
+        data_efficiency(data, cfg.data_efficiency, out / "efficiency", seeds=cfg.efficiency_seeds or cfg.seeds[:1],
+                        fractions=cfg.efficiency_fractions, options=options, log=log)
     summary = summarise(out, data, cfg.systems, cfg.seeds, n_boot=cfg.n_boot)
     write_tables(out, summary)
     if cfg.report:

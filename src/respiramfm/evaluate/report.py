@@ -174,11 +174,15 @@ def build_report(out_dir: str | os.PathLike, model_dir: str | os.PathLike | None
                       f"<p>{'SIMULATED data. ' if sim else ''}Model {html.escape(str(model_dir))}; test records "
                       + ", ".join(html.escape(e["record_id"]) for e in examples) + ".</p>", _img(p, "attention")]
 
-    eff_path = out / "data_efficiency.json"
+    eff_path = next((p for p in (out / "efficiency" / "data_efficiency.json", out / "data_efficiency.json")
+                     if p.is_file()), out / "data_efficiency.json")
     if eff_path.is_file():
         eff = json.loads(eff_path.read_text())
         p = figs.efficiency_figure(eff, out / "figures" / "data_efficiency.png")
-        parts += ["<h2>Data efficiency</h2>", _img(p, "data efficiency")]
+        parts += ["<h2>Data efficiency</h2>",
+                  f"<p>{'SIMULATED data. ' if sim else ''}{html.escape(', '.join(eff.get('systems', {})))} retrained "
+                  "on nested fractions of the training patients; mean supervised test AUROC "
+                  f"(seeds {html.escape(str(eff.get('seeds')))}).</p>", _img(p, "data efficiency")]
 
     parts += ["<h2>Configuration and provenance</h2>",
               f"<pre>{html.escape(json.dumps(prov, indent=1, sort_keys=True))}</pre>"]

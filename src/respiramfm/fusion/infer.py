@@ -116,8 +116,9 @@ def predict_logits(model, resolved: Sequence, batch_size: int = 32, use_cache: b
     """Logits (N, 2) for many samples in eval mode (the model's mode is restored).
 
     With ``use_cache`` each distinct prompt's KV cache is computed once for the whole
-    call and samples are batched within a prompt group by length; without it, samples
-    are padded in full (batched in the given order), as the reference path.
+    call and samples are batched within a prompt group by length (by length alone when the
+    order does not start with the prompt); without it, samples are padded in full (batched
+    in the given order), as the reference path.
     """
     resolved = list(resolved)
     if not resolved:
@@ -126,9 +127,15 @@ def predict_logits(model, resolved: Sequence, batch_size: int = 32, use_cache: b
     model.eval()
     try:
         out = torch.empty(len(resolved), 2, dtype=torch.float32)
-        if not (use_cache and prompt_first(model)):
+        if not use_cache:  # the reference: batches in the given order
             for s in range(0, len(resolved), batch_size):
                 out[s:s + batch_size] = plain_logits(model, resolved[s:s + batch_size]).float().cpu()
+            return out
+        if not prompt_first(model):  # no shared prefix: batch by length so padding stays small
+            order = sorted(range(len(resolved)), key=lambda i: -_length(resolved[i]))
+            for s in range(0, len(order), batch_size):
+                chunk = order[s:s + batch_size]
+                out[torch.tensor(chunk)] = plain_logits(model, [resolved[i] for i in chunk]).float().cpu()
             return out
         for prefix, idx in _groups(resolved).items():
             cache = prefix_kv(model, prefix)

@@ -3,17 +3,26 @@
 Embedded defaults, no files needed beyond the installed packages:
 
 1. ``prepare simulated``   — the SIMULATED cohort (synthetic audio + correlated symptom text);
-2. ``pretrain-audio``      — OPERA-style contrastive pretraining of a tiny HTS-AT on its train audio
-                             (the released OPERA-CT weights cannot be fetched offline; pass
-                             ``--opera-checkpoint`` to use them instead);
-3. ``embed``               — front end + frozen encoder, cached embeddings;
-4. ``embed-text``          — frozen SmolLM2-135M-Instruct text targets of every context;
-5. ``align``               — stage 1, projector trained with InfoNCE, selected on validation;
-6. ``finetune``            — stage 2, SmolLM2 + LoRA + linear head on the supervised tasks, selected on
+2. ``embed``               — OPERA front end + a frozen encoder, cached embeddings. The released
+                             OPERA-CT weights cannot be fetched offline, so the default encoder is
+                             ``logmel-stats`` (statistics of OPERA's log-mel spectrogram);
+                             ``--pretrain-encoder`` instead pretrains a tiny HTS-AT OPERA-style
+                             (``pretrain-audio``) and ``--opera-checkpoint`` uses the real weights;
+3. ``embed-text``          — frozen SmolLM2-135M-Instruct text targets of every context;
+4. ``align``               — stage 1, projector trained with InfoNCE, selected on validation;
+5. ``finetune``            — stage 2, SmolLM2 + LoRA + linear head on the supervised tasks, selected on
                              validation (the selected model is copied to ``OUT/model``);
-7. ``evaluate``            — the T1-T9 protocol on the simulated tasks: RespiraMFM (reusing step 6 for
-                             the first seed) and the baselines over seeds, AUROC with patient-level
-                             bootstrap CIs, then the self-contained report ``OUT/report.html``.
+6. ``evaluate``            — the T1-T9 protocol on the simulated tasks: RespiraMFM (reusing step 5 for
+                             the first seed), the no-alignment ablation, RespLLM, the unimodal models and
+                             the BTS-style baseline over seeds, AUROC with patient-level bootstrap CIs,
+                             then the self-contained report ``OUT/report.html``.
+
+Stage 2 is sized for two CPU cores (about 15 LLM trainings in the full demo): the LLM keeps its
+first ``--llm-layers`` (4) of 30 decoder layers (stage 1's text targets come from the same
+cut LLM), trains under bf16 autocast, and reads the paper's
+input order [audio | prompt | context], so its last token (the one the head reads) follows the
+symptom text. ``--llm-layers 0`` keeps every layer. ``--data-root DIR`` runs the paper's T1-T9 on
+real datasets instead (:mod:`respiramfm.demo_real`).
 
 Every stage is an ordinary subcommand, so each can be rerun alone; all outputs go under ``--out``
 (``runs/demo`` by default). Stages resume: a second run reuses what the first computed.
@@ -39,22 +48,34 @@ PRETRAIN_DEFAULTS = [
 ALIGN_DEFAULTS = ["epochs=200", "eval_every=10", "checkpoint_every=50", "seed=0"]
 # Stage 2 on SmolLM2-135M, sized for two CPU cores (shared by every system of the evaluation).
 FINETUNE_DEFAULTS = [
+    "model.order=[audio, prompt, context]", "precision=bf16", "group_by_task=false",
     "model.lora.r=8", "model.lora.alpha=16", "optim.lr=5.0e-4", "optim.warmup_steps=5", "optim.weight_decay=0.0",
     "batch_size=16", "eval_every=0", "eval_batch_size=32", "patience=0", "checkpoint_every=1000", "log_every=10",
     "threads=2",
 ]
-FULL = {"epochs": 4, "seeds": [0, 1, 2], "systems": ["respiramfm", "text_only", "audio_only", "bts_frozen"],
-        "n_boot": 1000}
-QUICK = {"epochs": 2, "seeds": [0], "systems": ["respiramfm", "bts_frozen"], "n_boot": 300}
+SYSTEMS = ["respiramfm", "no_alignment", "respllm", "text_only", "audio_only", "bts_frozen"]
+# Two seeds keep the full demo (10 LLM trainings) within 10 minutes on 2 cores; the protocol's default is 3.
+FULL = {"epochs": 2, "seeds": [0, 1], "systems": SYSTEMS, "n_boot": 1000, "efficiency": "bts_frozen"}
+QUICK = {"epochs": 2, "seeds": [0], "systems": ["respiramfm", "no_alignment", "respllm", "bts_frozen"],
+         "n_boot": 300, "efficiency": ""}
+# The end-to-end baselines (RespLLM, no-alignment) get the same epochs and batch size as RespiraMFM.
+E2E = "{epochs: %d, batch_size: 16, lr: 5.0e-4, patience: 0}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     parser.add_argument("--quick", action="store_true", help="smaller cohort and shorter training")
     parser.add_argument("--seed", type=int, default=0, help="cohort seed")
-    parser.add_argument("--backbone", default="smollm2-135m", help="LLM for text targets (default: offline SmolLM2)")
-    parser.add_argument("--opera-checkpoint", default=None,
-                        help="use this OPERA-CT checkpoint instead of pretraining a tiny encoder")
+    parser.add_argument("--backbone", default=None,
+                        help="LLM of both stages (default: the offline SmolLM2; phi-2 with --data-root)")
+    parser.add_argument("--llm-layers", type=int, default=None,
+                        help="keep the LLM's first N decoder layers in stage 2 (default 4 on the simulated "
+                             "cohort, 0 = all; all with --data-root)")
+    parser.add_argument("--opera-checkpoint", default=None, help="embed with this OPERA-CT checkpoint")
+    parser.add_argument("--pretrain-encoder", action="store_true",
+                        help="pretrain a tiny HTS-AT OPERA-style on the cohort instead of the logmel-stats encoder")
+    parser.add_argument("--data-root", default=None,
+                        help="real datasets laid out as published (icbhi/, kauh/, ...): the paper's T1-T9")
 
 
 def _stage(name: str, argv: list[str], timings: dict) -> None:
@@ -67,6 +88,16 @@ def _stage(name: str, argv: list[str], timings: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.data_root:
+        from respiramfm.demo_real import run_real
+
+        args.backbone = args.backbone or "phi-2"
+        args.llm_layers = args.llm_layers or 0
+        return run_real(args)
+    args.backbone = args.backbone or "smollm2-135m"
+    args.llm_layers = 4 if args.llm_layers is None else args.llm_layers
+    if args.llm_layers < 0:
+        raise RespiraMFMError(f"--llm-layers must be >= 0, got {args.llm_layers}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data, timings = out / "data", {}
@@ -75,20 +106,21 @@ def run(args: argparse.Namespace) -> int:
     sim = ["prepare", "simulated", "--out", str(data), "--seed", str(args.seed)]
     _stage("prepare", sim + (["--quick"] if args.quick else []), timings)
 
+    encoder = ["--encoder", "logmel-stats"]
     if args.opera_checkpoint:
-        checkpoint = args.opera_checkpoint
-    else:
+        encoder = ["--encoder", "opera-ct", "--checkpoint", args.opera_checkpoint]
+    elif args.pretrain_encoder:
         steps = ["--set", "max_steps=20"] if args.quick else []
         pre = ["pretrain-audio", "--resume", "--manifest", str(manifest), "--out", str(out / "encoder")]
         for o in PRETRAIN_DEFAULTS:
             pre += ["--set", o]
         _stage("pretrain-audio", pre + steps, timings)
-        checkpoint = str(out / "encoder" / "encoder.safetensors")
+        encoder = ["--encoder", "opera-ct", "--checkpoint", str(out / "encoder" / "encoder.safetensors")]
 
-    _stage("embed", ["embed", "--manifest", str(manifest), "--encoder", "opera-ct", "--checkpoint", checkpoint,
-                     "--out", str(out / "audio_emb"), "--no-progress"], timings)
+    _stage("embed", ["embed", "--manifest", str(manifest), *encoder, "--out", str(out / "audio_emb"), "--no-progress"],
+           timings)
     _stage("embed-text", ["embed-text", "--manifest", str(manifest), "--out", str(out / "text_emb"),
-                          "--backbone", args.backbone], timings)
+                          "--backbone", args.backbone, "--num-layers", str(args.llm_layers)], timings)
 
     from respiramfm.encoders.store import EmbeddingStore
 
@@ -100,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
     _stage("align", align, timings)
 
     plan = QUICK if args.quick else FULL
-    ft = FINETUNE_DEFAULTS + [f"epochs={plan['epochs']}", "progress=false"]
+    ft = FINETUNE_DEFAULTS + [f"epochs={plan['epochs']}", "progress=false", f"model.backbone={args.backbone}",
+                              f"model.num_layers={args.llm_layers}"]
     tasks = _supervised(data / "tasks.yaml")
     inputs = {"manifests": f"[{manifest}]", "task_files": f"[{data / 'tasks.yaml'}]",
               "audio_store": f"[{out / 'audio_emb'}]", "projector": str(out / "align")}
@@ -110,18 +143,24 @@ def run(args: argparse.Namespace) -> int:
     _stage("finetune", fine, timings)
     _copy_model(out / "finetune" / f"seed{first}" / "model", out / "model")
 
-    options = "{respiramfm: {finetune_dir: '%s'}}" % (out / "finetune" / "seed{seed}")
+    e2e = E2E % plan["epochs"]
+    options = "{respiramfm: {finetune_dir: '%s'}, respllm: {e2e: %s}, no_alignment: {e2e: %s}}" % (
+        out / "finetune" / "seed{seed}", e2e, e2e)
     ev = ["evaluate"] + _sets({**inputs, "text_store": str(out / "text_emb"), "seeds": plan["seeds"],
                                "systems": f"[{','.join(_available(plan['systems']))}]", "n_boot": plan["n_boot"],
                                "out_dir": str(out / "evaluate"), "quick": bool(args.quick),
                                "systems_options": options})
+    if plan["efficiency"]:  # the data-efficiency curve (a cheap system: the LLM ones would not fit the budget)
+        ev += _sets({"data_efficiency": plan["efficiency"]})
     ev += _sets([f"finetune.{o}" for o in ft])
     _stage("evaluate", ev, timings)
     report = out / "report.html"
     _copy_report(out / "evaluate", report)
 
     summary = {"simulated": True, "out": str(out), "seconds": timings, "total_seconds": round(sum(timings.values()), 1),
-               "model": str(out / "model"), "report": str(report)}
+               "model": str(out / "model"), "report": str(report), "audio_encoder": encoder[1],
+               "llm": args.backbone, "llm_layers": args.llm_layers or "all", "systems": plan["systems"],
+               "seeds": plan["seeds"]}
     metrics = out / "align" / "summary.json"
     if metrics.exists():
         summary["align"] = json.loads(metrics.read_text())

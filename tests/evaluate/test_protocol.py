@@ -178,3 +178,21 @@ def test_data_efficiency_hook_runs_nested_fractions_and_reaches_the_report(synth
     with pytest.raises(ConfigError):
         evaluate(load_config(EvaluateConfig, None, overrides(synth, out, systems="[test_audio_lr]",
                                                              data_efficiency="nope")), log=lambda *_: None)
+
+
+def test_missing_text_reuses_the_respiramfm_run_and_drops_only_the_text(synth, tmp_path):
+    import respiramfm.evaluate.baselines  # noqa: F401  (registers missing_text)
+    from respiramfm.evaluate.protocol import read_predictions
+
+    out, run = tmp_path / "mt", tmp_path / "shared_run" / "seed{seed}"
+    opts = "{respiramfm: {finetune_dir: '%s'}, missing_text: {finetune_dir: '%s'}}" % (run, run)
+    cfg = load_config(EvaluateConfig, None, overrides(synth, out, systems="[respiramfm, missing_text]", seeds="[0]",
+                                                       systems_options=opts, report="false"))
+    evaluate(cfg, log=lambda *_: None)
+    trained = json.loads((tmp_path / "shared_run" / "seed0" / "summary.json").read_text())
+    assert trained["last_step"] > 0
+    assert not (out / "work" / "missing_text").exists() or not any((out / "work" / "missing_text").rglob("*.safetensors"))
+    full = {(r["task"], r["record_id"]): r["prob"] for r in read_predictions(out / "predictions" / "respiramfm" / "seed0.csv")}
+    gone = {(r["task"], r["record_id"]): r["prob"] for r in read_predictions(out / "predictions" / "missing_text" / "seed0.csv")}
+    assert full.keys() == gone.keys() and len(full) > 10
+    assert max(abs(full[k] - gone[k]) for k in full) > 1e-4  # the text mattered, and only the text changed

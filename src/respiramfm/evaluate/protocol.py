@@ -177,8 +177,8 @@ def load_eval_data(cfg: EvaluateConfig) -> EvalData:
 # --------------------------------------------------------------------------- the built-in system
 
 
-def respiramfm_system(data: EvalData, seed: int, work_dir: Path, options: dict) -> dict:
-    """Fine-tune RespiraMFM (stage 2, selected on validation), then score every task's test records.
+def trained_respiramfm(data: EvalData, seed: int, work_dir: Path, options: dict):
+    """The protocol's RespiraMFM for ``seed``: fine-tuned (stage 2, selected on validation) and loaded.
 
     ``options["finetune_dir"]`` (optional, may contain ``{seed}``) puts the training run
     somewhere else than ``work_dir/finetune``, e.g. where ``respiramfm finetune`` already
@@ -193,7 +193,12 @@ def respiramfm_system(data: EvalData, seed: int, work_dir: Path, options: dict) 
     cfg.projector = cfg.projector or data.projector
     cfg.tasks, cfg.seed, cfg.out_dir, cfg.progress = list(data.supervised), int(seed), str(run_dir), False
     finetune(cfg)
-    model = RespiraMFM.from_pretrained(run_dir / "model")
+    return RespiraMFM.from_pretrained(run_dir / "model"), cfg
+
+
+def respiramfm_system(data: EvalData, seed: int, work_dir: Path, options: dict) -> dict:
+    """Fine-tune RespiraMFM (:func:`trained_respiramfm`), then score every task's test records."""
+    model, cfg = trained_respiramfm(data, seed, work_dir, options)
     return predict_tasks(model, data, batch_size=cfg.eval_batch_size)
 
 
@@ -204,8 +209,11 @@ def record_context(rec) -> str:
     return rec.context.strip() if rec.context and rec.context.strip() else render_context(rec)
 
 
-def predict_tasks(model, data: EvalData, batch_size: int = 32) -> dict:
-    """{task: {record_id: prob}} on the test split; records without a needed embedding are left out."""
+def predict_tasks(model, data: EvalData, batch_size: int = 32, drop_context: bool = False) -> dict:
+    """{task: {record_id: prob}} on the test split; records without a needed embedding are left out.
+
+    ``drop_context`` removes every record's context (inference with the text missing).
+    """
     import numpy as np
 
     from respiramfm.fusion.infer import items_to_resolved, predict_proba
@@ -227,7 +235,7 @@ def predict_tasks(model, data: EvalData, batch_size: int = 32) -> dict:
                 audio = store.get(rec.record_id) if store is not None else None
                 if audio is None or not np.isfinite(audio).all():
                     continue
-            context = record_context(rec)
+            context = "" if drop_context else record_context(rec)
             items.append(FusionItem(task=task, audio=None if audio is None else np.asarray(audio, np.float32),
                                     context=context, audio_type=rec.audio_type))
             ids.append(rec.record_id)

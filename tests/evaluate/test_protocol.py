@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fusion"))
 from finetune_synth import make_synth  # noqa: E402
@@ -27,12 +26,7 @@ FT = {"model.backbone": "tiny-llama", "model.tiny": "{hidden_size: 64, num_layer
       "log_every": "5", "eval_batch_size": "16"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/evaluate/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -154,7 +154,7 @@ def test_data_efficiency_hook_runs_nested_fractions_and_reaches_the_report(synth
     before = len(calls)
     evaluate(cfg, log=lambda *_: None)
     assert len(calls) == before + 1 + 2  # the main unit, then one retraining per fraction (first seed)
-    eff = json.loads((out / "efficiency" / "data_efficiency.json").read_text())
+    eff = json.loads((out / "efficiency" / "test_audio_lr" / "data_efficiency.json").read_text())
     assert eff["fractions"] == [0.25, 1.0] and eff["seeds"] == [0] and eff["simulated"] is True
     curve = eff["systems"]["test_audio_lr"]["mean"]
     assert len(curve) == 2 and all(0.0 <= v <= 1.0 for v in curve)
@@ -165,6 +165,13 @@ def test_data_efficiency_hook_runs_nested_fractions_and_reaches_the_report(synth
     assert "Data efficiency" in page and "SIMULATED data. test_audio_lr retrained" in page
     evaluate(cfg, log=lambda *_: None)  # resumes: nothing retrained
     assert len(calls) == before + 3
+    # A second system's curve is its own (never the first one's saved predictions) and joins the plot.
+    register_system("test_audio_lr_again", _audio_lr, "test: the same fit under another name")
+    cfg.data_efficiency = "test_audio_lr_again"
+    evaluate(cfg, log=lambda *_: None)
+    assert len(calls) == before + 5
+    page = (out / "report.html").read_text()
+    assert "test_audio_lr, test_audio_lr_again retrained" in page
     bad = load_config(EvaluateConfig, None, overrides(synth, out, systems="[test_audio_lr]",
                                                        data_efficiency="test_audio_lr", efficiency_fractions="[0, 1]"))
     with pytest.raises(ConfigError, match="efficiency_fractions"):

@@ -348,7 +348,8 @@ def evaluate(cfg: EvaluateConfig, log=print) -> dict:
 
         options = _options(cfg, cfg.data_efficiency)
         options.pop("finetune_dir", None)  # never reuse (or overwrite) the full-data runs
-        data_efficiency(data, cfg.data_efficiency, out / "efficiency", seeds=cfg.efficiency_seeds or cfg.seeds[:1],
+        data_efficiency(data, cfg.data_efficiency, out / "efficiency" / cfg.data_efficiency,
+                        seeds=cfg.efficiency_seeds or cfg.seeds[:1],
                         fractions=cfg.efficiency_fractions, options=options, log=log)
     summary = summarise(out, data, cfg.systems, cfg.seeds, n_boot=cfg.n_boot)
     write_tables(out, summary)

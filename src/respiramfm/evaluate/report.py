@@ -122,6 +122,24 @@ def attention_examples(model_dir: Path, out: Path, n: int = 3) -> list[dict]:
     return picked
 
 
+def _efficiency_curves(out: Path) -> dict | None:
+    """Every data-efficiency curve of the run (``OUT/efficiency/SYSTEM/`` or a bare ``OUT/``), merged for one plot."""
+    paths = sorted((out / "efficiency").glob("*/data_efficiency.json")) + \
+        [p for p in [out / "data_efficiency.json"] if p.is_file()]
+    if not paths:
+        return None
+    merged: dict = {"systems": {}, "seeds": []}
+    for path in paths:
+        eff = json.loads(path.read_text())
+        for key in ("fractions", "metric", "unit"):
+            merged.setdefault(key, eff.get(key))
+        merged["simulated"] = merged.get("simulated", False) or bool(eff.get("simulated"))
+        merged["seeds"] = sorted(set(merged["seeds"]) | set(eff.get("seeds") or []))
+        for name, curve in eff["systems"].items():
+            merged["systems"][name] = {**curve, "fractions": eff["fractions"]}
+    return merged
+
+
 def build_report(out_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None,
                  alignment_figure: str | os.PathLike | None = None) -> Path:
     """Write ``OUT/report.html`` (and ``OUT/figures/*.png``); returns the HTML path."""
@@ -174,13 +192,11 @@ def build_report(out_dir: str | os.PathLike, model_dir: str | os.PathLike | None
                       f"<p>{'SIMULATED data. ' if sim else ''}Model {html.escape(str(model_dir))}; test records "
                       + ", ".join(html.escape(e["record_id"]) for e in examples) + ".</p>", _img(p, "attention")]
 
-    eff_path = next((p for p in (out / "efficiency" / "data_efficiency.json", out / "data_efficiency.json")
-                     if p.is_file()), out / "data_efficiency.json")
-    if eff_path.is_file():
-        eff = json.loads(eff_path.read_text())
+    eff = _efficiency_curves(out)
+    if eff is not None:
         p = figs.efficiency_figure(eff, out / "figures" / "data_efficiency.png")
         parts += ["<h2>Data efficiency</h2>",
-                  f"<p>{'SIMULATED data. ' if sim else ''}{html.escape(', '.join(eff.get('systems', {})))} retrained "
+                  f"<p>{'SIMULATED data. ' if sim else ''}{html.escape(', '.join(eff['systems']))} retrained "
                   "on nested fractions of the training patients; mean supervised test AUROC "
                   f"(seeds {html.escape(str(eff.get('seeds')))}).</p>", _img(p, "data efficiency")]
 

@@ -75,10 +75,10 @@ def efficiency_figure(eff: dict, path: str | os.PathLike) -> Path:
     """Metric against training fraction, one line per system (mean ± std band)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.8, 3.6))
-    x = np.asarray(eff["fractions"], dtype=float)
     for system, v in eff["systems"].items():
-        m = np.asarray(v["mean"], dtype=float)
-        s = np.asarray(v.get("std") or np.zeros_like(m), dtype=float)
+        x = np.asarray(v.get("fractions") or eff["fractions"], dtype=float)
+        m = np.asarray([np.nan if a is None else a for a in v["mean"]], dtype=float)
+        s = np.asarray([0.0 if a is None else a for a in (v.get("std") or [0.0] * len(m))], dtype=float)
         ax.plot(x, m, marker="o", label=system)
         ax.fill_between(x, m - s, m + s, alpha=0.2)
     ax.set_xscale("log")

@@ -160,18 +160,22 @@ def run(args: argparse.Namespace) -> int:
         ev += _sets({"data_efficiency": efficiency})
     ev += _sets([f"finetune.{o}" for o in ft])
     _stage("evaluate", ev, timings)
+    summary = {"simulated": True, "audio_encoder": encoder[1], "llm": args.backbone,
+               "llm_layers": args.llm_layers or "all", "systems": plan["systems"], "seeds": plan["seeds"]}
+    return finish(out, summary, timings, "(SIMULATED data: no evidence about real patients)")
+
+
+def finish(out: Path, summary: dict, timings: dict, headline: str) -> int:
+    """Copy the report to ``OUT/report.html``, write ``OUT/demo_summary.json`` and print where things are."""
     report = out / "report.html"
     _copy_report(out / "evaluate", report)
-
-    summary = {"simulated": True, "out": str(out), "seconds": timings, "total_seconds": round(sum(timings.values()), 1),
-               "model": str(out / "model"), "report": str(report), "audio_encoder": encoder[1],
-               "llm": args.backbone, "llm_layers": args.llm_layers or "all", "systems": plan["systems"],
-               "seeds": plan["seeds"]}
+    summary = {**summary, "out": str(out), "seconds": timings, "total_seconds": round(sum(timings.values()), 1),
+               "model": str(out / "model"), "report": str(report)}
     metrics = out / "align" / "summary.json"
     if metrics.exists():
         summary["align"] = json.loads(metrics.read_text())
     atomic_write_json(out / "demo_summary.json", summary)
-    print("\n== demo finished (SIMULATED data: no evidence about real patients)")
+    print(f"\n== demo finished {headline}")
     print(f"   outputs under {out}/ ; summary: {out / 'demo_summary.json'}")
     results = out / "evaluate" / "results.md"
     if results.exists():

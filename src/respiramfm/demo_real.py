@@ -24,11 +24,9 @@ config (shared by ``finetune`` and the evaluation's fine-tuning), ``align.KEY=V`
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from respiramfm.errors import ConfigError, DataError
-from respiramfm.utils.io import atomic_write_json
 
 ADAPTER_KEYS = ("icbhi", "kauh", "coswara", "coughvid", "ukcovid19", "codatb")
 PAPER_TASKS = tuple(f"T{i}" for i in range(1, 10))
@@ -105,7 +103,7 @@ def run_real(args: argparse.Namespace) -> int:
 
     from respiramfm.align.train import AlignConfig
     from respiramfm.config import apply_overrides, from_dict, load_config, save_config, to_dict
-    from respiramfm.demo import _available, _copy_model, _copy_report, _stage
+    from respiramfm.demo import _available, _copy_model, _stage, finish
     from respiramfm.encoders.store import EmbeddingStore
     from respiramfm.evaluate.protocol import EvaluateConfig
     from respiramfm.fusion.train_config import FinetuneConfig
@@ -191,22 +189,9 @@ def run_real(args: argparse.Namespace) -> int:
     evcfg.finetune = copy.deepcopy(ftcfg)  # the same stage-2 run, so the evaluation reuses it for the first seed
     save_config(evcfg.validate(), out / "configs" / "evaluate.yaml")
     _stage("evaluate", ["evaluate", "--config", str(out / "configs" / "evaluate.yaml")], timings)
-    report = out / "report.html"
-    _copy_report(out / "evaluate", report)
-
-    summary = {"simulated": False, "out": str(out), "data_root": str(root), "datasets": found,
+    summary = {"simulated": False, "data_root": str(root), "datasets": found,
                "records": {k: sum(r.dataset == k for r in records) for k in found},
                "tasks": {"trained": trained, "evaluated": evaluated, "skipped": skipped},
                "backbone": args.backbone, "llm_layers": layers, "opera_checkpoint": str(ckpt), "device": device,
-               "systems": evcfg.systems, "seeds": evcfg.seeds, "seconds": timings,
-               "total_seconds": round(sum(timings.values()), 1), "model": str(out / "model"), "report": str(report)}
-    metrics = out / "align" / "summary.json"
-    if metrics.exists():
-        summary["align"] = json.loads(metrics.read_text())
-    atomic_write_json(out / "demo_summary.json", summary)
-    results = out / "evaluate" / "results.md"
-    print(f"\n== demo finished on real data ({', '.join(found)}); outputs under {out}/")
-    if results.exists():
-        print("\n" + results.read_text())
-    print(f"   stage timings (s): {timings}\n   trained model: {out / 'model'}\n   report: {report}")
-    return 0
+               "systems": evcfg.systems, "seeds": evcfg.seeds}
+    return finish(out, summary, timings, f"on real data ({', '.join(found)})")

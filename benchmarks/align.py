@@ -1,6 +1,6 @@
 """Stage-1 training speed: the official recipe on synthetic cached pairs, ours vs a plain DataLoader loop.
 
-Recipe (REFERENCE §4): batch 64, Adam lr 1e-3, 500 epochs, audio→text InfoNCE τ = 0.07,
+Recipe (docs/paper.md §4): batch 64, Adam lr 1e-3, 500 epochs, audio→text InfoNCE τ = 0.07,
 projector 768→1024→d with LayerNorm+ReLU heads. Data: ``--pairs`` training pairs of a
 768-d audio embedding and a d-dim text target (576 = SmolLM2-135M hidden size, 2560 = Phi-2),
 plus 1,000 validation pairs; audio is a noisy linear map of text so the run learns something.
@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from respiramfm.align.data import AlignData, pairset_from_arrays
-from respiramfm.align.projector import ProjectorConfig, build_projector
+from respiramfm.models.configuration import ProjectorConfig
+from respiramfm.models.projector import build_projector
 from respiramfm.align.train import AlignConfig, train_align
 from respiramfm.config import load_config
 

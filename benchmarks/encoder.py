@@ -23,8 +23,9 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from respiramfm.encoders.htsat import HTSAT, _ONEDNN
-from respiramfm.encoders.opera_ct import HTSAT_PREFIX, from_checkpoint, seeded_state_dict
+from respiramfm.models.htsat import HTSAT
+from respiramfm.models.htsat_layers import _ONEDNN
+from respiramfm.models.opera_ct import HTSAT_PREFIX, from_checkpoint, seeded_state_dict
 
 FRAMES_8S = 251  # 1 + floor(8 * 16000 / 512)
 

@@ -35,14 +35,15 @@ import time
 import numpy as np
 import torch
 
-from respiramfm.align.projector import ProjectorConfig, build_projector
+from respiramfm.models.configuration import FusionConfig, ProjectorConfig
+from respiramfm.models.projector import build_projector
 from respiramfm.data.records import Record
 from respiramfm.data.tasks import register
 from respiramfm.data.templates import render_context
 from respiramfm.fusion.data import Example, ExampleSet, plan_epoch, prepare_examples, resolved_items
 from respiramfm.fusion.infer import plain_logits, predict_logits, shared_prefix_logits
-from respiramfm.fusion.model import FusionConfig, RespiraMFM
-from respiramfm.fusion.sequence import FusionItem
+from respiramfm.models.fusion import RespiraMFM
+from respiramfm.models.sequence import FusionItem
 
 FIXED = 125  # official padding of prompt and context
 

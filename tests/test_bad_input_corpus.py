@@ -31,6 +31,7 @@ import io
 import json
 import math
 import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -43,12 +44,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from respiramfm.audio import DEFAULT_MAX_SECONDS, decode_native, load
+from respiramfm.audio import DEFAULT_MAX_SECONDS, MAX_NATIVE_RATE, decode_native, load
 from respiramfm.cli import main
 from respiramfm.data import prepare as prepare_cmd
 from respiramfm.data.records import Record, read_manifest, write_manifest
 from respiramfm.encoders.store import EmbeddingStore
 from respiramfm.errors import AudioDecodeError, DataError
+from testkit import bombs
 
 SR = 16000
 
@@ -92,6 +94,7 @@ class Case:
     expect: Raises | Accepted | Reported
     check: Callable[[np.ndarray], None] | None = None  # more about an accepted waveform
     row: str | None = None  # metadata row cases: the row, in the header of META_HEADER
+    refused: str | None = None  # accepted audio with nothing to hear: predict refuses it (AudioContentError text)
 
 
 def n16(frames: int, sr: int) -> int:
@@ -290,15 +293,34 @@ AUDIO_CASES = [
          Accepted(n16(96000, 192000)), check=dominant_hz(440)),
     Case("eight_channels", "audio", audio("eight_ch.wav", lambda: sf_bytes(tone(SR, 0.5, channels=8))),
          Accepted(8000), check=mean_of_eight_channels),
-    Case("ten_ms", "audio", audio("ten_ms.wav", lambda: sf_bytes(tone(44100, 0.01), 44100)), Accepted(n16(441, 44100))),
-    Case("one_sample", "audio", audio("one_sample.wav", lambda: sf_bytes(np.array([0.25], np.float32))), Accepted(1)),
+    Case("ten_ms", "audio", audio("ten_ms.wav", lambda: sf_bytes(tone(44100, 0.01), 44100)), Accepted(n16(441, 44100)),
+         refused="too short to score: 0.010 s of sound after trimming (minimum 0.1 s)"),
+    Case("one_sample", "audio", audio("one_sample.wav", lambda: sf_bytes(np.array([0.25], np.float32))), Accepted(1),
+         refused="too short to score: 0.000 s"),
     Case("silent", "audio", audio("silent.wav", lambda: sf_bytes(np.zeros(8000, np.float32))), Accepted(8000),
-         check=all_zero),
+         check=all_zero, refused="silent: no signal (all samples equal) (below -60 dBFS)"),
+    Case("silent_3s", "audio", audio("silent_3s.wav", lambda: bombs.silent_wav(3.0)), Accepted(48000), check=all_zero,
+         refused="silent: no signal"),
+    Case("dither_only", "audio", audio("dither.wav", lambda: sf_bytes(np.tile([-2.0**-15, 2.0**-15], 8000), subtype="FLOAT")),
+         Accepted(16000), refused="silent: peak -90.3 dBFS (below -60 dBFS)"),
     Case("clipped", "audio", audio("clipped.wav", lambda: sf_bytes(np.clip(5 * tone(SR, 0.5), -1, 1))),
          Accepted(8000), check=clipped_at_full_scale),
     # a 1-hour recording exceeds the default max_seconds (10 min): rejected from the header, before decoding
     Case("one_hour", "audio", make_one_hour,
          Raises(AudioDecodeError, f"recording is longer than max_seconds={DEFAULT_MAX_SECONDS:g} s (3600.0 s)")),
+    # -- decode bombs declared by the header: refused before a sample is decoded (issue 17)
+    Case("flac_rate_1mhz", "audio",
+         audio("rate_1mhz.flac", lambda: bombs.patch_flac(bombs.flac_silence(48000, 1.0), rate=1_048_575,
+                                                           total=int(119.9 * 1_048_575))),
+         Raises(AudioDecodeError, f"sample rate 1048575 Hz is above the maximum of {MAX_NATIVE_RATE} Hz")),
+    Case("wav_rate_2147483647", "audio", audio("rate_2g.wav", lambda: bombs.wav_declaring_rate(2_147_483_647)),
+         Raises(AudioDecodeError, "sample rate 2147483647 Hz is above the maximum")),
+    Case("wavpack_rate_16mhz", "audio", audio("rate_16mhz.wv", lambda: bombs.wavpack_silence(16_700_000, 0.05)),
+         Raises(AudioDecodeError, "sample rate 16700000 Hz is above the maximum")),
+    Case("flac_384k_declares_200s", "audio",
+         audio("declares_200s.flac", lambda: bombs.patch_flac(bombs.flac_silence(384_000, 1.0), total=384_000 * 200)),
+         Raises(AudioDecodeError, f"over the decoded-samples budget of {int(DEFAULT_MAX_SECONDS * 96_000)} samples: "
+                                  "the header declares 76800000")),
 ]
 EXTRA_AUDIO_CHECKS = {"one_hour": one_hour_lifts_with_max_seconds_none}
 
@@ -574,26 +596,24 @@ def test_prepare_cli_structural_errors_are_clean(case: Case, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, opera_fixtures):
-    import torch
-
+def tiny_model_dir(tmp_path_factory, opera_fixtures, one_thread):
     from respiramfm.serve.tiny import build_tiny_model
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models run fastest on one thread
-    yield build_tiny_model(tmp_path_factory.mktemp("tiny") / "model",
-                           opera_fixtures / "opera_ct_tiny_seed0.safetensors")
-    torch.set_num_threads(n)
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model",
+                            opera_fixtures / "opera_ct_tiny_seed0.safetensors")
 
 
 def test_predict_manifest_batch_reports_bad_rows_and_loses_none(audio_corpus, tiny_model_dir, tmp_path, capsys):
     manifest, files, good, bad = audio_corpus
+    refused = {c.id: c.refused for c in AUDIO_CASES if c.refused}  # decodes, but nothing to hear: not scored
+    good = good - set(refused)
     out = tmp_path / "preds.csv"
     rc = main(["predict", "--model", str(tiny_model_dir), "--manifest", str(manifest), "--task", "T4",
                "--out", str(out), "--batch-size", "8"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
-    assert (summary["records"], summary["predicted"], summary["errors"]) == (len(files), len(good), len(bad))
+    assert (summary["records"], summary["predicted"], summary["errors"]) == (len(files), len(good),
+                                                                           len(bad) + len(refused))
     rows = list(csv.DictReader(out.open(encoding="utf-8")))
     assert {r["record_id"] for r in rows} == good and len(rows) == len(good)
     for r in rows:
@@ -602,10 +622,12 @@ def test_predict_manifest_batch_reports_bad_rows_and_loses_none(audio_corpus, ti
         assert r["modalities_used"] == "audio+context", r
     errors = {e["record_id"]: e for e in csv.DictReader(Path(summary["errors_file"]).open(encoding="utf-8"),
                                                        delimiter="\t")}
-    assert set(errors) == set(bad)
+    assert set(errors) == set(bad) | set(refused)
     for rid, case in bad.items():
         assert errors[rid]["path"] == str(files[rid]), rid
         assert case.expect.text in errors[rid]["error"], (rid, errors[rid]["error"])
+    for rid, text in refused.items():
+        assert errors[rid]["path"] == str(files[rid]) and text in errors[rid]["error"], (rid, errors[rid])
     assert len(rows) + len(errors) == len(files)  # nothing lost
     assert not list(tmp_path.glob(".preds.csv*"))
 
@@ -643,3 +665,161 @@ def test_decoder_property_any_finite_waveform(case, tmp_path_factory):
         assert out.dtype == np.float32 and out.ndim == 1 and np.isfinite(out).all()
         assert out.shape == (expected,)
         assert abs(len(out) / SR - frames / sr) < 1 / SR + 1e-9  # the duration survives resampling
+
+
+# ============================================================================ hostile input (issue 17)
+# Decode bombs with the server's limits (max_seconds=120: a budget of 11,520,000 decoded samples), metadata
+# values built to be slow or to crash a parser, and formula cells; each goes through every entry point it can
+# reach, and the bombs' memory is measured.
+
+SERVER_SECONDS = 120.0
+SERVER_BUDGET = int(SERVER_SECONDS * 96_000)
+BOMB_MEMORY_BOUND = 4 * SERVER_BUDGET + 16 * 2**20  # bytes: one float32 per budgeted sample, plus one block
+
+
+@dataclass(frozen=True)
+class Bomb:
+    id: str
+    text: str  # in the AudioDecodeError's cause
+
+
+BOMBS = [
+    Bomb("flac_1mhz_120s", "sample rate 1048575 Hz is above the maximum of 384000 Hz"),
+    Bomb("flac_384k_100s_declared", "budget of 11520000 samples: the header declares 38400000"),
+    Bomb("wavpack_16mhz", "sample rate 16700000 Hz is above the maximum"),
+    Bomb("wav_2147483647hz", "sample rate 2147483647 Hz is above the maximum"),
+    Bomb("flac_384k_40s", "budget of 11520000 samples: the header declares 15360000"),
+    Bomb("flac_384k_40s_unknown_length", "budget of 11520000 samples: decoding stopped after"),
+    Bomb("wavpack_384k_40s_declares_1000", "budget of 11520000 samples: decoding stopped after"),
+    Bomb("wavpack_192k_70s_declares_1000", "budget of 11520000 samples: decoding stopped after"),
+]
+
+# metadata JSON for `predict --metadata` and the server's `metadata` field: (id, text, expected cause)
+NESTED_24 = json.dumps({"symptoms": json.loads("[" * 24 + '"' + "x" * 65 + '"' + "]" * 24)})
+METADATA_JSON_CASES = [
+    ("nested_24_deep", NESTED_24, "nested more than 4 lists deep"),
+    ("nested_400_deep", '{"symptoms": ' + "[" * 400 + "]" * 400 + "}", "nested too deeply: 401 levels"),
+    ("nested_600_deep", '{"symptoms": ' + "[" * 600 + "]" * 600 + "}", "nested too deeply: 601 levels"),
+    ("json_5000_deep", "[" * 5000, "nested too deeply: 5000 levels"),
+    ("age_5000_digits", '{"age": ' + "9" * 5000 + "}", "'age' must be a non-negative number"),
+    ("age_5000_digit_text", '{"age": "' + "9" * 5000 + '"}', "'age' must be a non-negative number"),
+    ("symptoms_300_items", json.dumps({"symptoms": ["cough"] * 300}), "more than 256 items"),
+    ("symptoms_5000_chars", json.dumps({"symptoms": "x" * 5000}), "longer than 4096 characters"),
+    ("symptoms_object", '{"symptoms": {"a": 1}}', "must be text or a list of text, got dict"),
+]
+FORMULAS = ["=HYPERLINK(\"http://evil.example\",\"x\")", "@sum(1+1)", "+cmd|' /C calc'!A0", "-2+3", "\tx", "\r=1"]
+
+
+def test_hostile_corpus_size():
+    hostile = len(BOMBS) + len(METADATA_JSON_CASES) + len(FORMULAS)
+    assert len({b.id for b in BOMBS}) == len(BOMBS) == len(bombs.bombs())
+    assert len(CASES) + hostile >= 80  # the corpus grew from 51 cases
+
+
+@pytest.mark.parametrize("bomb", BOMBS, ids=lambda b: b.id)
+def test_decode_bomb_is_refused_within_memory_bound(bomb: Bomb, tmp_path):
+    import tracemalloc
+
+    data = _BOMB_CACHE[bomb.id]
+    path = tmp_path / bomb.id
+    path.write_bytes(data)
+    for decode in (lambda: load(path, max_seconds=SERVER_SECONDS),
+                   lambda: decode_native(path, max_seconds=SERVER_SECONDS)):
+        tracemalloc.start()
+        try:
+            with pytest.raises(AudioDecodeError) as info:
+                decode()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert bomb.text in info.value.cause and info.value.path == str(path), info.value
+        assert peak < BOMB_MEMORY_BOUND, f"{bomb.id}: {peak / 2**20:.0f} MiB"
+        assert len(data) < 128 * 1024  # each is a small file
+
+
+_BOMB_CACHE: dict[str, bytes] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _bombs_once():
+    _BOMB_CACHE.update(bombs.bombs())  # generated once per module (about a second)
+    yield
+    _BOMB_CACHE.clear()
+
+
+@pytest.mark.parametrize("case", METADATA_JSON_CASES, ids=lambda c: c[0])
+def test_predict_metadata_is_a_typed_error_in_linear_time(case, tiny_model_dir, capsys):
+    import time
+
+    _, text, cause = case
+    t0 = time.perf_counter()
+    rc = main(["predict", "--model", str(tiny_model_dir), "--metadata", text, "--task", "T4"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("respiramfm predict: error:") and cause in err, err[:300]
+    assert "Traceback" not in err and time.perf_counter() - t0 < 10
+
+
+@pytest.mark.parametrize("case", [c for c in AUDIO_CASES if c.refused], ids=lambda c: c.id)
+def test_predict_refuses_audio_with_nothing_to_hear(case: Case, tiny_model_dir, tmp_path, capsys):
+    path = case.make(tmp_path)
+    rc = main(["predict", "--model", str(tiny_model_dir), "--audio", str(path), "--symptoms", "cough", "--task", "T4"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith(f"respiramfm predict: error: {path}: ") and case.refused in err, err[:300]
+
+
+def test_formula_cells_are_neutralised_in_written_csvs(tmp_path):
+    """prepare -> manifest: formula-looking cells get an apostrophe on disk; reading the manifest undoes it."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rows = [f'f{i},P{i},tb,train,34,,"{f.replace(chr(34), chr(34) * 2)}"' for i, f in enumerate(FORMULAS)]
+    (folder / "meta.csv").write_text(f"{META_HEADER},device\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    out = tmp_path / "out" / "manifest.csv"
+    records, problems, _ = prepare_cmd.prepare(prepare_args(folder / "meta.csv", out))
+    assert problems == [] and len(records) == len(FORMULAS)
+    written = list(csv.reader(out.open(encoding="utf-8", newline="")))
+    device = written[0].index("device")
+    neutralised = 0
+    for line, rec in zip(written[1:], records):
+        cell = line[device]
+        assert not cell.startswith(("=", "+", "-", "@", "\t", "\r")), cell  # nothing a spreadsheet would run
+        if rec.device[:1] in ("=", "+", "-", "@", "\t", "\r"):
+            assert cell == "'" + rec.device, (cell, rec.device)
+            neutralised += 1
+    assert neutralised >= 4
+    assert [r.device for r in read_manifest(out)] == [r.device for r in records]  # the round trip is exact
+
+
+def test_server_answers_every_hostile_input_with_a_4xx(tiny_model_dir):
+    """The same corpus through HTTP: bombs, nothing-to-hear audio and metadata; JSON 4xx with the notice."""
+    from fastapi.testclient import TestClient
+
+    from respiramfm.serve.app import create_app
+
+    client = TestClient(create_app(tiny_model_dir))  # the server's own limits (max_seconds=120)
+
+    def check(r, statuses, text):
+        assert r.status_code in statuses, r.text[:300]
+        body = r.json()
+        assert set(body) == {"error", "detail", "notice"} and text in json.dumps(body["detail"]), body
+
+    for bomb in BOMBS:
+        check(client.post("/predict", data={"task": "T4"}, files={"audio": (bomb.id, _BOMB_CACHE[bomb.id])}),
+              (400, 413), bomb.text)
+    for case in [c for c in AUDIO_CASES if c.refused]:
+        folder = Path(tempfile.mkdtemp())
+        data = case.make(folder).read_bytes()
+        check(client.post("/predict", data={"task": "T4"}, files={"audio": ("a.wav", data)}), (422,), case.refused)
+    for _, text, cause in METADATA_JSON_CASES:
+        if len(text) <= 16384:  # longer ones are refused for their size first
+            check(client.post("/predict", data={"task": "T4", "metadata": text}), (400,), cause)
+
+
+def test_csv_cell_rule_and_its_exact_inverse():
+    from respiramfm.utils.io import csv_cell, csv_value
+
+    for formula in FORMULAS + ["'=x", "''@y", "-cmd", "+A1"]:
+        cell = csv_cell(formula)
+        assert cell == "'" + formula and csv_value(cell) == formula, formula
+    for plain in ["-3.5", "+1e-3", "-", "=", "ok", "'ok", "a=b", "", "12"]:
+        assert csv_cell(plain) == plain and csv_value(plain) == plain, plain
+    assert csv_cell(-2) == -2 and csv_cell(None) is None  # only text is touched

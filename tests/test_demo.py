@@ -11,7 +11,7 @@ from respiramfm import cli
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_quick_demo_end_to_end(tmp_path, capsys):
+def test_quick_demo_end_to_end(tmp_path, capsys, smollm2):
     out = tmp_path / "demo"
     assert cli.main(["demo", "--out", str(out), "--quick"]) == 0
     printed = capsys.readouterr().out

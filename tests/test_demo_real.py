@@ -1,4 +1,4 @@
-"""`respiramfm demo --data-root`: the real-data path end to end on a publisher-layout tree built here.
+"""`respiramfm demo --data-root`: the real-data preset of the pipeline end to end on a publisher-layout tree.
 
 The real subsets in ../shared/data are too small to train on (ICBHI: 10 recordings of
 4 patients; KAUH: 30 recordings, one per patient), so the tree is synthetic: short
@@ -10,15 +10,17 @@ encoder is the tiny OPERA-CT fixture; the LLM is SmolLM2-135M cut to one layer.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from respiramfm.demo_real import run_real
+from respiramfm.config import apply_overrides, from_dict, to_dict
 from respiramfm.errors import ConfigError, DataError
+from respiramfm.pipeline import presets
+from respiramfm.pipeline.config import PipelineConfig
+from respiramfm.pipeline.recipe import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 SR = 4000
@@ -60,13 +62,13 @@ def _kauh(root: Path) -> None:
         _wav(root / "AudioFiles" / name, 3.0, seed=1000 + n, tone=90.0 if label == "N" else 180.0)
 
 
-def _args(tmp_path: Path, data_root: Path, checkpoint) -> argparse.Namespace:
-    return argparse.Namespace(
-        data_root=data_root, out=str(tmp_path / "out"), opera_checkpoint=checkpoint, backbone="smollm2-135m",
-        llm_layers=1, quick=True, seed=0, finetune_config=str(ROOT / "configs" / "finetune.yaml"),
-        systems=["respiramfm", "bts_frozen"],
-        overrides=["batch_size=8", "eval_every=0", "patience=0", "optim.warmup_steps=1", "threads=2",
-                   "align.epochs=20", "align.figure=false", "evaluate.n_boot=50"])
+def _config(tmp_path: Path, data_root: Path, checkpoint) -> PipelineConfig:
+    cfg = presets.real(data_root, checkpoint, quick=True, seed=0, backbone="smollm2-135m", llm_layers=1,
+                       finetune_config=str(ROOT / "configs" / "finetune.yaml"), out=str(tmp_path / "out"))
+    return from_dict(PipelineConfig, apply_overrides(to_dict(cfg), [
+        "finetune.batch_size=8", "finetune.eval_every=0", "finetune.patience=0", "finetune.optim.warmup_steps=1",
+        "finetune.threads=2", "align.epochs=20", "align.figure=false", "evaluate.n_boot=50",
+        "evaluate.systems=[respiramfm, bts_frozen]"]))
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +81,11 @@ def publisher_tree(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_real_data_demo_end_to_end(tmp_path, publisher_tree, opera_fixtures, capsys):
+def test_real_data_demo_end_to_end(tmp_path, publisher_tree, opera_fixtures, capsys, smollm2):
     ckpt = opera_fixtures / "opera_ct_tiny_seed0.safetensors"
-    args = _args(tmp_path, publisher_tree, str(ckpt))
-    assert run_real(args) == 0
-    out = Path(args.out)
+    cfg = _config(tmp_path, publisher_tree, str(ckpt))
+    run_pipeline(cfg)
+    out = Path(cfg.out)
     printed = capsys.readouterr().out
     assert "found icbhi, kauh" in printed and "T3 skipped" in printed and "every kauh patient" in printed
 
@@ -126,23 +128,23 @@ def test_real_data_demo_end_to_end(tmp_path, publisher_tree, opera_fixtures, cap
 
 
 def test_real_data_needs_an_opera_checkpoint_and_usable_datasets(tmp_path, publisher_tree, opera_fixtures):
-    args = _args(tmp_path, publisher_tree, None)
+    cfg = _config(tmp_path, publisher_tree, None)
     with pytest.raises(ConfigError, match="OPERA-CT checkpoint"):
-        run_real(args)
-    assert not Path(args.out).exists()
-    args.opera_checkpoint = str(tmp_path / "missing.safetensors")
+        run_pipeline(cfg)
+    assert not Path(cfg.out).exists()
+    cfg.encoder.checkpoint = str(tmp_path / "missing.safetensors")
     with pytest.raises(ConfigError, match="not found"):
-        run_real(args)
+        run_pipeline(cfg)
 
-    args.opera_checkpoint = str(opera_fixtures / "opera_ct_tiny_seed0.safetensors")
-    args.data_root = tmp_path / "empty"
-    args.data_root.mkdir()
+    cfg.encoder.checkpoint = str(opera_fixtures / "opera_ct_tiny_seed0.safetensors")
+    cfg.data_root = str(tmp_path / "empty")
+    Path(cfg.data_root).mkdir()
     with pytest.raises(DataError, match="no dataset folder found"):
-        run_real(args)
+        run_pipeline(cfg)
     # KAUH alone feeds only the zero-shot tasks: refused before any embedding or training
     (tmp_path / "kauh_only").mkdir()
     (tmp_path / "kauh_only" / "kauh").symlink_to(publisher_tree / "kauh")
-    args.data_root = tmp_path / "kauh_only"
+    cfg.data_root = str(tmp_path / "kauh_only")
     with pytest.raises(DataError, match="supervised paper task"):
-        run_real(args)
-    assert not (Path(args.out) / "audio_emb").exists()
+        run_pipeline(cfg)
+    assert not (Path(cfg.out) / "audio_emb").exists()

@@ -17,14 +17,17 @@ from respiramfm.errors import RespiraMFMError
 # name -> (module, one-line help). Order is the data flow.
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("respiramfm.data.prepare", "turn a raw dataset (or the simulated cohort) into a records manifest"),
+    "tasks": ("respiramfm.data.tasks_cli", "list every task (built-in and from --task-file) with its labels, role and prompt"),
+    "merge": ("respiramfm.data.merge", "merge several manifests into one (leakage-checked; --zero-shot DATASET)"),
     "fetch-opera": ("respiramfm.encoders.fetch", "download the released OPERA-CT checkpoint (explicit, needs network)"),
     "pretrain-audio": ("respiramfm.encoders.pretrain", "OPERA-style contrastive pretraining of an HTS-AT encoder"),
     "embed": ("respiramfm.encoders.store", "compute and cache audio embeddings for a manifest"),
-    "embed-text": ("respiramfm.llm.text_embed", "compute and cache frozen-LLM text targets for a manifest"),
+    "embed-text": ("respiramfm.llm.text_store", "compute and cache frozen-LLM text targets for a manifest"),
     "align": ("respiramfm.align.train", "stage 1: contrastive audio-text alignment of the projector"),
     "finetune": ("respiramfm.fusion.train", "stage 2: LLM fusion fine-tuning with LoRA and a linear head"),
     "predict": ("respiramfm.fusion.predict", "probability of a condition for one recording (or a manifest)"),
-    "evaluate": ("respiramfm.evaluate.protocol", "run the T1-T9 protocol with baselines over seeds; write tables and the report"),
+    "evaluate": ("respiramfm.evaluate.cli", "run the T1-T9 protocol with baselines over seeds; write tables and the report"),
+    "audit": ("respiramfm.evaluate.audit", "how well each metadata field alone predicts a task's label (shortcuts)"),
     "serve": ("respiramfm.serve.app", "HTTP prediction API and web page for a saved model"),
     "demo": ("respiramfm.demo", "run the whole pipeline end to end on the embedded offline defaults"),
 }

@@ -3,12 +3,15 @@
     cfg = load_config(AlignConfig, "configs/align.yaml", ["train.lr=1e-3", "seed=3"])
 
 Nested dataclasses map to nested YAML mappings; overrides use dotted keys and
-YAML value syntax (``epochs=5``, ``text_space=input``, ``tasks=[T1,T2]``).
-Unknown keys are errors, never silently ignored.
+YAML value syntax of any shape (``epochs=5``, ``text_space=input``, ``tasks=[T1,T2]``,
+``systems_options={respllm: {epochs: 2}}``). A mapping value is merged into the mapping
+it overrides (keys it does not name keep their values). Unknown keys are errors, never
+silently ignored.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import types
@@ -19,6 +22,7 @@ from typing import Any, Sequence, TypeVar
 import yaml
 
 from respiramfm.errors import ConfigError
+from respiramfm.utils.io import atomic_write_text
 
 T = TypeVar("T")
 
@@ -130,8 +134,35 @@ def apply_overrides(data: dict, overrides: Sequence[str] | None) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {p} is not a mapping")
-        node[parts[-1]] = value
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+            _deep_update(node[parts[-1]], value)
+        else:
+            node[parts[-1]] = value
     return data
+
+
+def join_override_tokens(tokens: Sequence[str]) -> list[str]:
+    """Re-join ``--set`` values the shell split at spaces: a token without ``key=`` continues the last one.
+
+    ``--set systems_options={respllm: {epochs: 2}}`` reaches argparse as three tokens; joined
+    with single spaces they are the YAML the user wrote.
+    """
+    out: list[str] = []
+    for tok in tokens:
+        head = tok.split("=", 1)[0]
+        open_ = out and sum(out[-1].count(c) for c in "{[") > sum(out[-1].count(c) for c in "}]")
+        if out and (open_ or "=" not in tok or not head or any(c in head for c in " {}[],:'\"")):
+            out[-1] = f"{out[-1]} {tok}"
+        else:
+            out.append(tok)
+    return out
+
+
+class _OverrideAction(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = list(getattr(namespace, self.dest, None) or [])
+        items.extend(join_override_tokens(values))
+        setattr(namespace, self.dest, items)
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] | None = None) -> T:
@@ -161,8 +192,6 @@ def _deep_update(base: dict, new: dict) -> None:
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
-    from respiramfm.utils.io import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
@@ -172,5 +201,6 @@ def add_config_arguments(parser, config_help: str, example: str) -> None:
     Parsed values land in ``args.config`` and ``args.overrides`` (for :func:`load_config`).
     """
     parser.add_argument("--config", help=config_help)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help=f"override a config key (dotted, YAML value), e.g. {example}")
+    parser.add_argument("--set", dest="overrides", action=_OverrideAction, nargs="+", default=[],
+                        metavar="KEY=VALUE",
+                        help=f"override a config key (dotted, YAML value of any shape; a mapping merges), e.g. {example}")

@@ -32,3 +32,7 @@ class CheckpointError(RespiraMFMError):
 
 class ConfigError(RespiraMFMError):
     """A configuration file or override is invalid."""
+
+
+class AudioContentError(AudioDecodeError):
+    """An audio file decodes but holds nothing to hear (too short after trimming, or digital silence)."""

@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from respiramfm.align.checkpoint import load_checkpoint
-from respiramfm.align.projector import load_projector
+from respiramfm.models.projector import load_projector
 from respiramfm.cli import main
 from respiramfm.data.records import Record, read_manifest, write_manifest
 
@@ -49,7 +48,7 @@ def test_cli_trains_and_writes_everything(sim_stores, tmp_path, capsys):
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["out_dir"] == str(out) and line["best_epoch"] in (0, 2, 4, 6)
     for name in ("projector.safetensors", "projector.json", "metrics.jsonl", "summary.json", "config.yaml",
-                 "skipped.tsv", "checkpoint.safetensors", "tsne.png"):
+                 "skipped.tsv", "checkpoints/latest.json", "tsne.png"):
         assert (out / name).is_file(), name
     model, cfg = load_projector(out)
     assert (cfg.in_dim, cfg.out_dim, cfg.final) == (sim_stores.audio_dim, sim_stores.text_dim, "layernorm")
@@ -113,14 +112,14 @@ def test_resume_after_sigkill_equals_uninterrupted(sim_stores, tmp_path):
     cmd = [sys.executable, "-m", "respiramfm.cli", *_args(sim_stores, victim, *args)]
     env = dict(os.environ, PYTHONHASHSEED="0")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ckpt = victim / "checkpoint.safetensors"
+    ckpt = victim / "checkpoints" / "latest.json"
     deadline = time.monotonic() + 300
     while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     _, err = proc.communicate()
     assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {err.decode()[-2000:]}"
-    _, doc = load_checkpoint(ckpt)
+    doc = json.loads((victim / "checkpoints" / json.loads(ckpt.read_text())["dir"] / "state.json").read_text())
     assert 0 < doc["epoch"] < 300
     assert main(_args(sim_stores, victim, *args)) == 0          # resumes from the checkpoint
     summary = json.loads((victim / "summary.json").read_text())

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from respiramfm.align.data import assign_text_ids, split_records
+from respiramfm.align.data import assign_text_ids
+from respiramfm.data.splits import split_records
 from respiramfm.align.metrics import alignment, retrieval_metrics, uniformity
 from respiramfm.data.records import Record
 from respiramfm.errors import ConfigError, DataError

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from respiramfm.align.losses import LOSS_KINDS, ContrastiveLoss
-from respiramfm.align.projector import ProjectorConfig, build_projector
+from respiramfm.models.configuration import ProjectorConfig
+from respiramfm.models.projector import build_projector
 
 N, D_AUDIO, D_TEXT, WORLD = 8, 16, 12, 2
 IDS = [0, 1, 2, 0, 3, 1, 4, 0]          # duplicates inside a rank and across ranks

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from respiramfm.align.data import AlignData
-from respiramfm.align.projector import load_projector
+from respiramfm.models.projector import load_projector
 from respiramfm.align.train import AlignConfig, evaluate, train_align
 from respiramfm.align.losses import ContrastiveLoss
 from respiramfm.config import load_config

@@ -22,7 +22,8 @@ from respiramfm.data.tasks import load_tasks_yaml
 from respiramfm.data.templates import render_context
 from respiramfm.errors import ConfigError, DataError
 
-SMALL = dict(n_patients=6, datasets=("sim_covid_phone", "sim_lung_unseen"), clip_seconds=(2.0, 3.0))
+# Small and short: the size is irrelevant to what these tests check.
+SMALL = dict(n_patients=6, datasets=("sim_covid_phone", "sim_lung_unseen"), clip_seconds=(1.0, 1.5))
 
 
 @pytest.fixture(scope="module")

@@ -121,8 +121,9 @@ def test_audio_and_text_are_informative_but_not_trivial(cohort, task_name):
     train = [(r, y) for r, y in pairs if r.split == "train"]
     test = [(r, y) for r, y in pairs if r.split in ("val", "test")]
     vec = CountVectorizer(token_pattern=r"\S+", binary=True).fit([_text(r) for r, _ in train])
+    logmel = {r.record_id: _logmel(*audio[r.record_id]) for r, _ in pairs}  # once per recording, not per use
     feats = {
-        "audio": lambda rs: np.stack([_logmel(*audio[r.record_id]) for r in rs]),
+        "audio": lambda rs: np.stack([logmel[r.record_id] for r in rs]),
         "text": lambda rs: vec.transform([_text(r) for r in rs]).toarray(),
     }
     feats["both"] = lambda rs: np.hstack([feats["audio"](rs), feats["text"](rs)])

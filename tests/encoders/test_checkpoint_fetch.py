@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from respiramfm.cli import main
 from respiramfm.encoders import fetch
-from respiramfm.encoders.opera_ct import HTSAT_PREFIX, from_checkpoint
+from respiramfm.models.opera_ct import HTSAT_PREFIX, from_checkpoint
 from respiramfm.errors import CheckpointError
 
 

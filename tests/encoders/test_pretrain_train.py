@@ -24,9 +24,10 @@ from safetensors.torch import load_file
 from respiramfm import cli
 from respiramfm.config import load_config
 from respiramfm.data.records import Record, write_manifest
-from respiramfm.encoders.pretrain import FAULT_ENV, PretrainConfig, pretrain
+from respiramfm.encoders.pretrain import PretrainConfig, pretrain
 
 ROOT = Path(__file__).resolve().parents[2]
+FAULT = ROOT / "tests" / "testkit" / "fault.py"  # runs the CLI with a callback that SIGKILLs after step N
 TINY = ["encoder.embed_dim=8", "encoder.depths=[1,1,1,1]", "encoder.num_heads=[1,1,2,4]", "proj_dim=64",
         "crop_frames=32", "lr=1e-3", "torch_threads=1", "device=cpu", "progress=false"]
 
@@ -111,7 +112,7 @@ def test_undecodable_and_missing_files_are_reported_and_skipped(trained):
 
 def test_encoder_loads_strictly_and_embeds(trained, opera_fixtures):
     from respiramfm.audio import FrontendConfig, load, opera_spectrogram_batch
-    from respiramfm.encoders.opera_ct import from_checkpoint
+    from respiramfm.models.opera_ct import from_checkpoint
 
     final = trained["final"]
     assert final == trained["out"] / "encoder.safetensors"
@@ -181,8 +182,8 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, capsys):
     ref, victim = tmp_path / "ref", tmp_path / "victim"
     assert cli.main(_small_run_args(data, ref, cache)) == 0
 
-    env = {**os.environ, FAULT_ENV: "3", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "respiramfm.cli", *_small_run_args(data, victim, cache)],
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(FAULT), "3", *_small_run_args(data, victim, cache)],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert not (victim / "encoder.safetensors").exists()
@@ -222,7 +223,7 @@ def test_pretrains_on_real_recordings(shared_data, tmp_path):
     assert all(int(r["frames"]) >= 251 for r in used)  # at least 8 s after padding
     assert any(int(r["frames"]) > 251 for r in used)  # the 20 s ICBHI recordings stay whole
     assert all(np.isfinite(r["loss"]) for r in metrics(tmp_path / "o"))
-    from respiramfm.encoders.opera_ct import from_checkpoint
+    from respiramfm.models.opera_ct import from_checkpoint
 
     assert from_checkpoint(final).out_dim == 64
 
@@ -249,6 +250,6 @@ def test_two_processes_with_accelerate(tmp_path):
     r0 = load_file(str(out / "checkpoints" / "step_000000003" / "rng_rank0.safetensors"))["torch_cpu"]
     r1 = load_file(str(out / "checkpoints" / "step_000000003" / "rng_rank1.safetensors"))["torch_cpu"]
     assert not torch.equal(r0, r1)  # each process has its own dropout stream
-    from respiramfm.encoders.opera_ct import from_checkpoint
+    from respiramfm.models.opera_ct import from_checkpoint
 
     assert from_checkpoint(out / "encoder.safetensors").out_dim == 64

@@ -1,4 +1,6 @@
-"""Unit tests of the COLA pretraining pieces: loss, head, augmentation chain, batch order, checkpoint I/O."""
+"""Unit tests of the COLA pretraining pieces: loss, head, augmentation chain, batch order.
+
+The checkpoint I/O they used to test is the shared engine's: tests/training/test_checkpoint.py."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from respiramfm.encoders import pretrain_ckpt as ck
 from respiramfm.encoders.pretrain_data import (
     Recording,
     SpectrogramStore,
@@ -121,39 +122,3 @@ def test_epoch_batches_partition_and_shard():
     r1 = epoch_batches(10, 2, world=2, rank=1, seed=1, epoch=0)
     assert len(r0) == len(r1) == 2
     assert not set(sum(r0, [])) & set(sum(r1, []))
-
-
-def test_optimizer_state_roundtrips_without_pickle(tmp_path):
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 3)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.8, 0.95))
-    for _ in range(3):
-        model(torch.randn(5, 4)).pow(2).sum().backward()
-        opt.step()
-        opt.zero_grad()
-    ck.save_checkpoint(tmp_path, 3, model.state_dict(), opt, {"world_size": 1})
-    path = ck.latest_checkpoint(tmp_path)
-    assert path is not None and path.name == "step_000000003"
-    state = ck.load_checkpoint(path, rank=0)
-    model2 = torch.nn.Linear(4, 3)
-    model2.load_state_dict(state["model"], strict=True)
-    opt2 = torch.optim.AdamW(model2.parameters(), lr=1.0)
-    opt2.load_state_dict(state["optimizer"])
-    assert opt2.param_groups[0]["betas"] == (0.8, 0.95) and opt2.param_groups[0]["lr"] == 1e-3
-    x = torch.randn(5, 4)
-    for m, o in ((model, opt), (model2, opt2)):
-        m(x).pow(2).sum().backward()
-        o.step()
-    assert torch.equal(model.weight, model2.weight)
-
-
-def test_checkpoint_pruning_and_missing_pointer(tmp_path):
-    assert ck.latest_checkpoint(tmp_path) is None
-    model = torch.nn.Linear(2, 2)
-    opt = torch.optim.AdamW(model.parameters())
-    for s in (2, 4, 6):
-        ck.save_checkpoint(tmp_path, s, model.state_dict(), opt, {"world_size": 1}, keep=2)
-    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000000004", "step_000000006"]
-    assert not list(tmp_path.glob(".tmp-*"))
-    with pytest.raises(Exception, match="RNG state for process 1"):
-        ck.load_checkpoint(ck.latest_checkpoint(tmp_path), rank=1)

@@ -15,6 +15,7 @@ from respiramfm.data.records import Record, read_manifest, write_manifest
 from respiramfm.encoders.logmel import LogMelStatsEncoder, logmel_stats
 from respiramfm.encoders.store import EmbeddingStore, embed_manifest, read_embeddings
 from respiramfm.errors import DataError
+from respiramfm.utils.io import sha256_file
 
 CORRUPT = b"RIFF\x24\x00\x00\x00WAVEfmt \x10\x00\x00\x00garbage-not-a-format-chunk"
 
@@ -78,6 +79,12 @@ def test_real_recordings_embedded_with_one_error_and_one_skip(real_store, shared
     for i in (0, 5, 17, 39):
         direct = logmel_stats(opera_spectrogram(load(files[i], sr=16000), 16000))
         np.testing.assert_allclose(store.get(f"rec{i:02d}"), direct, atol=1e-5)
+
+    # the view's cache answers by content: any recording's vector from the sha256 of its bytes
+    cache = store.cache()
+    assert len(cache) == 40 and len(cache.failed) == 1  # the corrupt file is remembered as failed
+    np.testing.assert_array_equal(cache.get(sha256_file(files[17])), store.get("rec17"))
+    assert sha256_file(files[17]) == store.audio_sha256[17]
 
 
 def test_rerun_reuses_the_cache_without_encoding(real_store, monkeypatch):

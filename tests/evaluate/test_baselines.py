@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fusion"))
-from finetune_synth import make_synth  # noqa: E402
+from testkit.finetune_synth import make_synth
 
 from respiramfm.evaluate import baselines  # noqa: E402
 from respiramfm.evaluate.efficiency import data_efficiency, nested_subsets  # noqa: E402
-from respiramfm.evaluate.protocol import EvaluateConfig, get_system, load_eval_data  # noqa: E402
+from respiramfm.evaluate.config import EvaluateConfig  # noqa: E402
+from respiramfm.evaluate.data import load_eval_data  # noqa: E402
+from respiramfm.evaluate.registry import describe, get_system  # noqa: E402
 
 TINY = {"model.backbone": "tiny-llama", "model.tiny": {"hidden_size": 64, "num_layers": 2, "heads": 4},
         "model.lora.r": 4, "model.lora.alpha": 8, "model.lora.dropout": 0.0, "optim.lr": 0.003,
@@ -33,7 +32,8 @@ def eval_data(s):
 def test_all_systems_registered_with_the_protocol():
     for name in ("respllm", "no_alignment", "bts_frozen", "audio_only", "text_only", "missing_text", "qwen2_audio"):
         assert callable(get_system(name))
-    assert "CLAP" in baselines.SYSTEMS["bts_frozen"][1] and "frozen" in baselines.SYSTEMS["bts_frozen"][1]
+    assert "CLAP" in describe("bts_frozen") and "frozen" in describe("bts_frozen")
+    assert describe("bts_frozen") == baselines.BTS_LABEL
 
 
 def test_minilm_embeddings_are_384d_unit_and_padding_invariant():
@@ -67,7 +67,7 @@ def test_bts_frozen_predicts_every_test_record_and_selection_ignores_test(synth,
 
 
 def test_modes_and_missing_text(synth, tmp_path):
-    from respiramfm.fusion.sequence import FusionItem
+    from respiramfm.models.sequence import FusionItem
 
     data = eval_data(synth)
     opts = dict(TINY)

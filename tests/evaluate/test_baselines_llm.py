@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fusion"))
-from finetune_synth import IN_DIM, make_synth  # noqa: E402
+from testkit.finetune_synth import IN_DIM, make_synth
 
 from respiramfm.data.records import read_manifest  # noqa: E402
-from respiramfm.evaluate import baselines  # noqa: E402
+from respiramfm.evaluate.registry import get_system  # noqa: E402
 from respiramfm.errors import ConfigError  # noqa: E402
 from respiramfm.evaluate.baselines_llm import EndToEndConfig, build_respllm, train_end_to_end  # noqa: E402
-from respiramfm.fusion.model import FusionConfig  # noqa: E402
+from respiramfm.models.configuration import FusionConfig  # noqa: E402
 
 TINY = {"model.backbone": "tiny-llama", "model.tiny": {"hidden_size": 64, "num_layers": 2, "heads": 4},
         "model.lora.r": 4, "model.lora.alpha": 8, "model.lora.dropout": 0.0}
@@ -106,7 +102,7 @@ def test_systems_predict_every_test_record_and_ignore_test_data(tmp_path, name):
     a = make_synth(tmp_path / "a")
     b = make_synth(tmp_path / "b", flip_test=True, extra_test=3)  # same train/val, different test
     opts = {**TINY, "e2e": {**E2E, "epochs": 1}, "projector_hidden": 32}
-    fn = baselines.SYSTEMS[name][0]
+    fn = get_system(name)
     pa = fn(eval_data(a), 0, tmp_path / "wa", opts)
     pb = fn(eval_data(b), 0, tmp_path / "wb", opts)
     tests = [r for r in read_manifest(a.manifest) if r.split == "test"]
@@ -129,15 +125,16 @@ def test_respllm_on_a_token_grid_store_with_flatten_head(synth, tmp_path):
     """n_audio_tokens > 1 (the OPERA-CT grid of `embed --tokens`, here 4 tokens) through training and prediction."""
     import hashlib
 
-    from respiramfm.encoders.store_io import CacheGroup, write_view
+    from respiramfm.cache import VectorCache
+    from respiramfm.cache.view import write_view
     from respiramfm.evaluate.baselines_llm import predict_prepared, prepare_raw
     from respiramfm.fusion.data import load_finetune_data
 
     ids = [r.record_id for r in read_manifest(synth.manifest)]
     rng = np.random.default_rng(0)
     keys = [hashlib.sha256(i.encode()).hexdigest() for i in ids]
-    group = CacheGroup(tmp_path / "cache", "synthetic", {"encoder": "synthetic"})
-    group.write_shard({k: rng.normal(size=(4, IN_DIM)).astype(np.float32) for k in keys}, {})
+    group = VectorCache(tmp_path / "cache" / "synthetic", {"encoder": "synthetic"})
+    group.put({k: rng.normal(size=(4, IN_DIM)).astype(np.float32) for k in keys}, {})
     group.scan()
     write_view(tmp_path / "tokens", group, ids, keys, (4, IN_DIM),
                {"encoder": "synthetic", "weights_hash": "none", "frontend_key": "none", "frontend": {},

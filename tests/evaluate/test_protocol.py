@@ -5,20 +5,23 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fusion"))
-from finetune_synth import make_synth  # noqa: E402
+from testkit.finetune_synth import make_synth
 
 from respiramfm import cli  # noqa: E402
 from respiramfm.config import load_config  # noqa: E402
 from respiramfm.data.records import read_manifest, write_manifest  # noqa: E402
 from respiramfm.errors import ConfigError, DataError  # noqa: E402
-from respiramfm.evaluate.protocol import EvaluateConfig, evaluate, load_eval_data, register_system  # noqa: E402
+from respiramfm.evaluate.config import EvaluateConfig  # noqa: E402
+from respiramfm.evaluate.data import load_eval_data  # noqa: E402
+from respiramfm.evaluate.layout import RunLayout  # noqa: E402
+from respiramfm.evaluate.predictions import read_predictions  # noqa: E402
+from respiramfm.evaluate.protocol import evaluate  # noqa: E402
+from respiramfm.evaluate.registry import register_system  # noqa: E402
 
 FT = {"model.backbone": "tiny-llama", "model.tiny": "{hidden_size: 64, num_layers: 2, heads: 4}",
       "model.lora.r": "4", "model.lora.alpha": "8", "model.lora.dropout": "0.0", "optim.lr": "0.003",
@@ -91,6 +94,9 @@ def test_tables_predictions_and_provenance(synth, evaluated):
     prov = json.loads((out / "provenance.json").read_text())
     assert str(synth.manifest) in prov["data_sha256"] and prov["versions"]["torch"] and prov["seeds"] == [0, 1]
     assert (out / "work" / "respiramfm" / "seed0" / "finetune" / "model" / "config.json").is_file()
+    layout = RunLayout(out)  # the one place that names the run's files
+    assert layout.predictions("respiramfm", 1) == out / "predictions" / "respiramfm" / "seed1.csv"
+    assert layout.finetune_run("respiramfm", 0) == out / "work" / "respiramfm" / "seed0" / "finetune"
 
 
 def test_report_is_self_contained_and_labelled(evaluated):
@@ -155,6 +161,9 @@ def test_data_efficiency_hook_runs_nested_fractions_and_reaches_the_report(synth
     evaluate(cfg, log=lambda *_: None)
     assert len(calls) == before + 1 + 2  # the main unit, then one retraining per fraction (first seed)
     eff = json.loads((out / "efficiency" / "test_audio_lr" / "data_efficiency.json").read_text())
+    # every efficiency unit keeps its predictions in the protocol's one prediction format
+    unit = read_predictions(RunLayout(out).efficiency("test_audio_lr").predictions(0.25, 0))
+    assert unit and {r["task"] for r in unit} <= {"FT-A", "FT-B", "FT-Z"} and all(0 <= r["prob"] <= 1 for r in unit)
     assert eff["fractions"] == [0.25, 1.0] and eff["seeds"] == [0] and eff["simulated"] is True
     curve = eff["systems"]["test_audio_lr"]["mean"]
     assert len(curve) == 2 and all(0.0 <= v <= 1.0 for v in curve)
@@ -182,9 +191,6 @@ def test_data_efficiency_hook_runs_nested_fractions_and_reaches_the_report(synth
 
 
 def test_missing_text_reuses_the_respiramfm_run_and_drops_only_the_text(synth, tmp_path):
-    import respiramfm.evaluate.baselines  # noqa: F401  (registers missing_text)
-    from respiramfm.evaluate.protocol import read_predictions
-
     out, run = tmp_path / "mt", tmp_path / "shared_run" / "seed{seed}"
     opts = "{respiramfm: {finetune_dir: '%s'}, missing_text: {finetune_dir: '%s'}}" % (run, run)
     cfg = load_config(EvaluateConfig, None, overrides(synth, out, systems="[respiramfm, missing_text]", seeds="[0]",

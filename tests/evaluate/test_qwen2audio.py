@@ -12,15 +12,13 @@ SPECIAL = ["<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"]
 
 
 @pytest.fixture(scope="module")
-def scorer():
+def scorer(one_thread):
     from transformers import (AutoTokenizer, Qwen2AudioConfig, Qwen2AudioEncoderConfig,
                               Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor, Qwen2Config,
                               WhisperFeatureExtractor)
 
     from respiramfm.llm import smollm
 
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
     tok = AutoTokenizer.from_pretrained(smollm.ensure_tokenizer())
     tok.add_special_tokens({"additional_special_tokens": SPECIAL})
     processor = Qwen2AudioProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=tok)
@@ -33,8 +31,7 @@ def scorer():
                            audio_token_index=tok.convert_tokens_to_ids("<|AUDIO|>"))
     torch.manual_seed(0)
     model = Qwen2AudioForConditionalGeneration(cfg)
-    yield Qwen2AudioScorer(model, processor, max_new_tokens=3)
-    torch.set_num_threads(old)
+    return Qwen2AudioScorer(model, processor, max_new_tokens=3)
 
 
 @pytest.mark.parametrize("text,want", [
@@ -47,7 +44,6 @@ def test_parse_answer(text, want):
 
 def test_prompt_has_audio_turn_classes_and_context(scorer):
     from respiramfm.data.tasks import get_task
-    import respiramfm.data.task_defs  # noqa: F401  (registers T1-T9)
 
     task = get_task("T4")
     q = question(task, "Female, 70 years old. Symptoms: wheezing.")

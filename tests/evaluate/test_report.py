@@ -38,7 +38,8 @@ def _write(out, simulated: bool):
 @pytest.mark.parametrize("simulated", [False, True])
 def test_report_sections_and_simulated_label(tmp_path, simulated):
     _write(tmp_path, simulated)
-    (tmp_path / "data_efficiency.json").write_text(json.dumps({
+    (tmp_path / "efficiency" / "respiramfm").mkdir(parents=True)
+    (tmp_path / "efficiency" / "respiramfm" / "data_efficiency.json").write_text(json.dumps({
         "simulated": simulated, "fractions": [0.1, 0.5, 1.0], "metric": "mean supervised AUROC",
         "systems": {"respiramfm": {"mean": [0.6, 0.7, 0.75], "std": [0.05, 0.03, 0.02]}}}))
     page = build_report(tmp_path).read_text()

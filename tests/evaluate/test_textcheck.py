@@ -37,9 +37,9 @@ def test_labels_and_flags_from_real_metadata(shared_data):
         load_labelled(shared_data, "icbhi")
 
 
-def test_text_only_paths_beat_chance_on_coswara(shared_data, tmp_path):
+def test_text_only_paths_beat_chance_on_coswara(shared_data, tmp_path, smollm2):
     res = run_textcheck(shared_data, out=tmp_path / "tc.json", datasets=("coswara",), max_records=200, seed=0,
-                        n_boot=200)
+                        n_boot=200, backbone_obj=smollm2)
     d = res["datasets"]["coswara"]
     assert d["n_train"] + d["n_test"] == 200 and d["split"].startswith("patient-level")
     for key in ("llm_text_lr", "symptom_flags_lr"):

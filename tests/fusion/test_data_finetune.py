@@ -8,20 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from finetune_synth import IN_DIM, make_synth
+from testkit.finetune_synth import IN_DIM, make_synth
 from respiramfm.data.records import read_manifest, write_manifest
 from respiramfm.errors import ConfigError, DataError
 from respiramfm.fusion.data import (default_tasks, load_finetune_data, micro_batches, plan_epoch, prepare_examples,
                                     resolved_items)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster than OpenMP workers competing for a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +101,7 @@ def test_prepared_inputs_are_computed_once(synth):
     assert prep.lengths[0] == len(prep.prompts[0]) + len(prep.contexts[0]) + 1
     # cached items give exactly the logits of the model's own path from text and encoder vectors
     from respiramfm.fusion.infer import plain_logits
-    from respiramfm.fusion.sequence import FusionItem
+    from respiramfm.models.sequence import FusionItem
 
     idx = [0, 5, 30, 40]
     items = [FusionItem(task=data.train.examples[i].task, audio=data.train.audio[data.train.examples[i].row],

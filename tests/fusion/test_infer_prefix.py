@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from respiramfm.align.projector import ProjectorConfig, build_projector
+from respiramfm.models.configuration import LoraSettings
 from respiramfm.fusion.infer import (expand_kv, items_to_resolved, plain_logits, predict_logits, predict_proba,
                                      prefix_kv, shared_prefix_logits)
-from respiramfm.fusion.lora import LoraSettings
-from respiramfm.fusion.model import FusionConfig, RespiraMFM
-from respiramfm.fusion.sequence import FusionItem
+from respiramfm.models.fusion import RespiraMFM
+from respiramfm.models.sequence import FusionItem
+from testkit.tiny_models import tiny_fusion
 
 IN_DIM = 16
 CONTEXTS = [
@@ -23,14 +23,6 @@ CONTEXTS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster than OpenMP workers competing for a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def make_model(arch: str = "llama", seed: int = 0, **cfg_kw) -> RespiraMFM:
     """A tiny model whose LoRA B matrices and head are non-zero, so adapters matter."""
@@ -38,15 +30,7 @@ def make_model(arch: str = "llama", seed: int = 0, **cfg_kw) -> RespiraMFM:
     if arch == "phi":
         tiny["resid_pdrop"] = 0.0
     cfg_kw.setdefault("lora", LoraSettings(r=4, alpha=8, dropout=0.0))
-    torch.manual_seed(seed)
-    proj = build_projector(ProjectorConfig(in_dim=IN_DIM, hidden=32, out_dim=64, final="layernorm"))
-    model = RespiraMFM(FusionConfig(backbone=f"tiny-{arch}", tiny=tiny, **cfg_kw), proj)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.2)
-        model.head.weight.normal_(0.0, 1.0)
-    return model
+    return tiny_fusion(arch, seed, in_dim=IN_DIM, head_std=1.0, tiny=tiny, **cfg_kw)
 
 
 def items(seed: int = 0) -> list[FusionItem]:
@@ -96,7 +80,7 @@ def test_right_padded_suffix_after_the_cache_is_exercised():
     model = make_model("llama")
     resolved = items_to_resolved(model, items()[:4])
     prefix = tuple(resolved[0].segments[0][1])
-    from respiramfm.fusion.sequence import collate
+    from respiramfm.models.sequence import collate
 
     batch = collate(resolved, model.backbone.pad_token_id, "right", prefix=list(prefix))
     assert (batch.attention_mask == 0).any()  # some rows are padded

@@ -17,23 +17,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from respiramfm.align.projector import ProjectorConfig, build_projector
+from respiramfm.models.configuration import EncoderInfo, FusionConfig, ProjectorConfig
+from respiramfm.models.projector import build_projector
 from respiramfm.cli import main
 from respiramfm.data.records import Record, write_manifest
 from respiramfm.errors import AudioDecodeError, ConfigError, DataError
-from respiramfm.fusion.model import EncoderInfo, FusionConfig, RespiraMFM
+from respiramfm.models.fusion import RespiraMFM
 from respiramfm.fusion.predict import Predictor
-from respiramfm.fusion.predict_io import metadata_to_record, parse_metadata
-from respiramfm.fusion.sequence import FusionItem
+from respiramfm.models.processing import metadata_to_record, parse_metadata
+from respiramfm.models.sequence import FusionItem
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models run fastest on one thread; on a shared machine extra threads only wait for each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 WAVS = ["104_1b1_Al_sc_Litt3200.wav", "102_1b1_Ar_sc_Meditron.wav", "101_1b1_Al_sc_Meditron.wav"]
 META = {"age": 72, "sex": "M", "smoker": True, "symptoms": ["dry cough", "shortness of breath"],
@@ -117,6 +112,10 @@ def test_missing_modalities_are_reported(predictor, model_dir, encoder_ckpt, icb
     assert audio["probability"] == pytest.approx(expected, abs=1e-6)
     with pytest.raises(DataError, match="nothing to predict"):
         predictor.predict(task="T4")
+    content = predictor.predict(audio=(icbhi / WAVS[1]).read_bytes(), task="T4")  # the same file as bytes
+    assert content["probability"] == audio["probability"] and content["modalities_used"] == ["audio"]
+    with pytest.raises(ConfigError, match="not both"):
+        predictor.predict(audio_path=icbhi / WAVS[1], audio=(icbhi / WAVS[1]).read_bytes(), task="T4")
 
 
 def test_typed_errors(model_dir, predictor, icbhi, tmp_path, capsys):

@@ -14,13 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune_synth import make_synth
+from testkit.finetune_synth import make_synth
 from respiramfm import cli
 from respiramfm.config import load_config
 from respiramfm.errors import ConfigError
-from respiramfm.fusion.train import FAULT_ENV, FinetuneConfig, OptimConfig, finetune, lr_lambda
+from respiramfm.fusion.train import FinetuneConfig, OptimConfig, finetune, lr_lambda
 
 ROOT = Path(__file__).resolve().parents[2]
+FAULT = ROOT / "tests" / "testkit" / "fault.py"  # runs the CLI with a callback that SIGKILLs after step N
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def test_training_reduces_loss_and_beats_chance_on_validation(synth, trained):
 def test_saved_model_reproduces_the_selected_validation_scores(synth, trained):
     from respiramfm.fusion.data import load_finetune_data, prepare_examples, resolved_items
     from respiramfm.fusion.infer import predict_logits
-    from respiramfm.fusion.model import RespiraMFM
+    from respiramfm.models.fusion import RespiraMFM
 
     model = RespiraMFM.from_pretrained(trained.out_dir / "model")
     info = json.loads((trained.out_dir / "model" / "config.json").read_text())["training"]
@@ -135,8 +136,8 @@ def _cli_args(synth, out: Path, **extra) -> list[str]:
 def test_resume_after_sigkill_equals_an_uninterrupted_run(synth, tmp_path, capsys):
     ref, victim = tmp_path / "ref", tmp_path / "victim"
     assert cli.main(_cli_args(synth, ref)) == 0
-    env = {**os.environ, FAULT_ENV: "5", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "respiramfm.cli", *_cli_args(synth, victim)], env=env,
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(FAULT), "5", *_cli_args(synth, victim)], env=env,  # SIGKILL after step 5
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert json.loads((victim / "checkpoints" / "latest.json").read_text())["step"] == 4
@@ -213,10 +214,10 @@ def test_two_processes_match_one_process_with_the_same_step_batch(synth, tmp_pat
 
 
 @pytest.mark.slow
-def test_end_to_end_on_the_real_smollm2(tmp_path):
+def test_end_to_end_on_the_real_smollm2(tmp_path, smollm2):
     """A handful of steps on the offline SmolLM2-135M; the saved model reloads and predicts."""
-    from respiramfm.fusion.model import RespiraMFM
-    from respiramfm.fusion.sequence import FusionItem
+    from respiramfm.models.fusion import RespiraMFM
+    from respiramfm.models.sequence import FusionItem
 
     s = make_synth(tmp_path / "data", hidden=576)
     sets = s.sets(out_dir=tmp_path / "run", epochs=1, max_steps=3, batch_size=2, eval_every=3,

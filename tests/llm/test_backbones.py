@@ -13,12 +13,12 @@ from respiramfm.llm.backbones import TINY_ARCHS, load_backbone, prepare_tokenize
 
 
 @pytest.mark.slow
-def test_smollm2_offline_conversion_and_cached_reload(smollm2_pair, llm_cache):
+def test_smollm2_offline_conversion_and_cached_reload(smollm2_pair, model_cache):
     first, second = smollm2_pair
     # The first load read the bundled GGUF; the second read the converted folder in the cache.
     assert first.source.endswith(smollm.GGUF_NAME)
     folder = smollm.cache_dir_for(smollm.gguf_sha256())
-    assert second.source == str(folder) and folder.is_relative_to(llm_cache)
+    assert second.source == str(folder) and folder.is_relative_to(model_cache)
     assert smollm.is_complete(folder) and (folder / "model.safetensors").is_file()
     assert "quantization_config" not in json.loads((folder / "config.json").read_text())
     for bb in (first, second):

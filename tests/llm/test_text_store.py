@@ -108,8 +108,8 @@ def test_resume_after_interruption(tiny, manifest, tmp_path, monkeypatch):
     out = tmp_path / "targets"
     with pytest.raises(KeyboardInterrupt):
         embed_manifest(path, out, bb, chunk_size=2)
-    assert len(list((out / "chunks").glob("*.safetensors"))) == 1
-    assert not list((out / "chunks").glob(".*"))  # no half-written chunk left behind
+    assert len(list((out / "cache").glob("shard-*.safetensors"))) == 1
+    assert not list((out / "cache").glob(".*"))  # no half-written shard left behind
     assert not (out / "records.tsv").exists()
 
     calls.clear()
@@ -158,9 +158,9 @@ def test_concurrent_writer_is_refused(tiny, tmp_path):
 def test_damaged_chunk_is_named(tiny, tmp_path):
     out = tmp_path / "targets"
     embed_texts(out, tiny("llama"), ["Age: 3.", "Age: 4."], chunk_size=1)
-    bad = sorted((out / "chunks").glob("*.safetensors"))[1]
+    bad = sorted((out / "cache").glob("shard-*.safetensors"))[1]
     bad.write_bytes(bad.read_bytes()[:40])
-    with pytest.raises(DataError, match="damaged text-target chunk") as err:
+    with pytest.raises(DataError, match="damaged cache shard") as err:
         embed_texts(out, tiny("llama"), ["Age: 5."])
     assert err.value.path == str(bad)
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("fastapi", reason="serving needs fastapi (pip install fastapi uvicorn python-multipart)")
 pytest.importorskip("uvicorn", reason="serving needs uvicorn")
@@ -24,13 +23,9 @@ ICBHI_SMALL = ["104_1b1_Al_sc_Litt3200.wav", "104_1b1_Ar_sc_Litt3200.wav", "104_
                "104_1b1_Lr_sc_Litt3200.wav", "104_1b1_Pl_sc_Litt3200.wav", "104_1b1_Pr_sc_Litt3200.wav"]
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _single_thread():
-    """Tiny models run fastest on one thread; on a shared machine extra threads only wait for each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+@pytest.fixture(autouse=True)
+def _single_thread(one_thread):
+    """Every serving test runs on one torch thread (``one_thread`` is in tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")

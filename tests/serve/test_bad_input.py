@@ -1,4 +1,4 @@
-"""Every kind of bad request gets a 4xx JSON ``{"error", "detail"}``; nothing is served from disk but the page.
+"""Every kind of bad request gets a 4xx JSON ``{"error", "detail", "notice"}``; nothing is served from disk but the page.
 
 The TestClient re-raises any exception the app does not handle, so a bug here
 fails the test instead of hiding behind a 500.
@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 import pytest
 import soundfile as sf
 from fastapi.testclient import TestClient
 
 from respiramfm.serve.app import create_app
+from respiramfm.serve.guards import NOTICE
+from testkit.bombs import bombs, one_sample_wav, silent_wav, wav_declaring_rate
 
 
 def _post(client, fields=None, audio=None, name="rec.wav"):
@@ -24,7 +27,8 @@ def _post(client, fields=None, audio=None, name="rec.wav"):
 def _err(r, status, error=None, match=None):
     assert r.status_code in (status if isinstance(status, tuple) else (status,)), r.text
     body = r.json()
-    assert set(body) == {"error", "detail"}, body
+    assert set(body) == {"error", "detail", "notice"}, body
+    assert body["notice"] == NOTICE, body
     if error is not None:
         assert body["error"] == error, body
     if match is not None:
@@ -106,3 +110,81 @@ def test_routes_and_traversal(client):
         r = client.get(url)
         assert r.status_code in (404, 400), (url, r.status_code)
         assert b"root:" not in r.content and b"import" not in r.content, url
+
+
+# ---------------------------------------------------------------------- issue 17: hardening
+def test_research_notice_in_every_json_answer(client):
+    for r in (client.get("/health"), client.get("/tasks"), _post(client, {"task": "T4", "symptoms": "cough"}),
+              _post(client, {"task": "T42", "symptoms": "cough"}), client.get("/nothing-here")):
+        assert r.json()["notice"] == NOTICE, r.text
+    assert r.status_code == 404 and _post(client, {"task": "T4", "symptoms": "cough"}).status_code == 200
+
+
+def test_decode_bombs_are_refused_cheaply(client):
+    """Header-declared bombs cost nothing; lying headers stop at the decoded-samples budget (no 5xx)."""
+    for name, data in bombs().items():
+        t0 = time.perf_counter()
+        r = _post(client, {"task": "T4"}, data, name)
+        body = _err(r, (400, 413, 422))
+        assert time.perf_counter() - t0 < 20, name
+        assert body["error"] in ("undecodable_audio", "audio_too_long", "no_audio_content"), (name, body)
+        assert any(k in body["detail"] for k in ("above the maximum of 384000 Hz", "decoded-samples budget",
+                                                 "longer than", "silent")), (name, body)
+
+
+def test_nothing_to_hear_is_refused(client):
+    _err(_post(client, {"task": "T4"}, one_sample_wav()), 422, "no_audio_content", "too short to score")
+    _err(_post(client, {"task": "T4", "symptoms": "cough"}, silent_wav(3.0)), 422, "no_audio_content", "silent")
+    _err(_post(client, {"task": "T4"}, wav_declaring_rate(2_147_483_647)), 400, "undecodable_audio",
+         "2147483647 Hz is above the maximum")
+    _err(client.post("/spectrogram", files={"audio": ("s.wav", silent_wav(1.0), "audio/wav")}), 422,
+         "no_audio_content")
+
+
+def test_metadata_bombs_are_fast_4xx(client):
+    """Nested values render in linear time with limits; deep JSON, huge numbers and long lists are 400s."""
+    def nested(depth):
+        v = "x" * 65
+        for _ in range(depth):
+            v = [v]
+        return json.dumps({"symptoms": v})
+
+    t0 = time.perf_counter()
+    _err(_post(client, {"task": "T4", "metadata": nested(24)}), 400, "bad_metadata", "nested more than 4 lists")
+    for depth in (400, 500, 600):
+        _err(_post(client, {"task": "T4", "metadata": nested(depth)}), 400, "bad_metadata", "nested too deeply")
+    _err(_post(client, {"task": "T4", "metadata": '{"age": ' + "9" * 5000 + "}"}), 400, "bad_metadata",
+         "non-negative number")
+    _err(_post(client, {"task": "T4", "metadata": '{"age": "' + "9" * 5000 + '"}'}), 400, "bad_metadata",
+         "non-negative number")
+    _err(_post(client, {"task": "T4", "metadata": json.dumps({"symptoms": ["a"] * 300})}), 400, "bad_metadata",
+         "more than 256 items")
+    assert time.perf_counter() - t0 < 30
+    ok = _post(client, {"task": "T4", "metadata": json.dumps({"symptoms": ["cough", ["fever", []]], "age": 7})})
+    assert ok.status_code == 200, ok.text
+
+
+def test_origin_and_host_policy(predictor):
+    app = create_app(predictor=predictor, allowed_hosts=["127.0.0.1", "localhost"],
+                     allowed_origins=["http://lab.example:9000"])
+    c = TestClient(app, base_url="http://127.0.0.1:8000")
+    form = {"task": "T4", "symptoms": "cough"}
+    for origin in ("http://evil.example", "null", "http://127.0.0.1:8001", "https://127.0.0.1:8000"):
+        _err(c.post("/predict", data=form, headers={"origin": origin}), 403, "forbidden_origin")
+    for origin in ("http://127.0.0.1:8000", "http://lab.example:9000", None):
+        headers = {"origin": origin} if origin else {}
+        assert c.post("/predict", data=form, headers=headers).status_code == 200, origin
+    r = c.get("/health", headers={"origin": "http://evil.example"})  # readable only by the same origin:
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers  # no CORS header
+    _err(c.get("/health", headers={"host": "evil.example:8000"}), 400, "forbidden_host")
+    _err(c.post("/predict", data=form, headers={"host": "rebound.example:8000",
+                                                 "origin": "http://rebound.example:8000"}), 400, "forbidden_host")
+    assert c.get("/health", headers={"host": "localhost:8000"}).status_code == 200
+
+
+def test_redirects_are_relative(client):
+    for host in ("evil.example", "testserver"):
+        r = client.get("/static", headers={"host": host}, follow_redirects=False)
+        assert r.status_code in (307, 308) and r.headers["location"] == "/static/", r.headers
+        r = client.get("/tasks/", headers={"host": host}, follow_redirects=False)
+        assert r.status_code in (307, 308) and r.headers["location"] == "/tasks", r.headers

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from respiramfm.cli import main
-from respiramfm.serve.app import create_app, running_server
+from respiramfm.serve.app import ServerLimits, create_app, running_server
 from respiramfm.serve.client import get_json, post_form
 
 SYMPTOMS = ["dry cough", "wheezing and shortness of breath", "fever, chills", "sore throat and runny nose",
@@ -115,6 +115,10 @@ def test_cli_errors(tmp_path, capsys):
     assert "model directory not found" in capsys.readouterr().err
     assert main(["serve", "--model", str(tmp_path), "--max-seconds", "0"]) == 1
     assert "must be positive" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path), "--max-connections", "0"]) == 1
+    assert "server limit max_connections must be positive" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path), "--header-timeout", "-1"]) == 1
+    assert "server limit header_timeout must be positive" in capsys.readouterr().err
 
 
 @pytest.mark.timeout(120)
@@ -142,3 +146,119 @@ def test_cli_serves(model_dir, recordings):
         rest, _ = proc.communicate(timeout=30)
     # uvicorn shuts down gracefully, then re-raises the captured SIGTERM, so the exit status is -15
     assert proc.returncode in (0, -15) and "Finished server process" in rest, rest
+
+
+# ---------------------------------------------------------------------- issue 17: slow, idle and hostile clients
+FAST_LIMITS = ServerLimits(header_timeout=1.0, body_timeout=2.0, body_idle_timeout=1.0, keep_alive_timeout=1.0,
+                           max_connections=4)
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> tuple[bool, bytes]:
+    """Read until the server closes the connection; (closed in time, what it sent)."""
+    sock.settimeout(0.25)
+    got, deadline = b"", time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            data = sock.recv(65536)
+        except socket.timeout:
+            continue
+        except ConnectionResetError:
+            return True, got
+        if not data:
+            return True, got
+        got += data
+    return False, got
+
+
+def test_idle_slow_header_and_slow_body_connections_are_closed(predictor):
+    app = create_app(predictor=predictor, server_limits=FAST_LIMITS)
+    with running_server(app, limits=FAST_LIMITS) as base:
+        u = urlsplit(base)
+        addr = (u.hostname, u.port)
+        with socket.create_connection(addr) as idle, socket.create_connection(addr) as slow_head, \
+                socket.create_connection(addr) as slow_body, socket.create_connection(addr) as keep:
+            slow_head.sendall(b"GET /health HTTP/1.1\r\nHo")
+            slow_body.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=z\r\n"
+                              b"Content-Length: 5000\r\n\r\n--z\r\n")
+            keep.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            t0 = time.monotonic()
+            for s in (idle, slow_head):
+                closed, sent = _closed_within(s, 4.0)
+                assert closed and sent == b"", sent[:200]
+            closed, sent = _closed_within(slow_body, 4.0)
+            assert closed and sent.startswith(b"HTTP/1.1 408"), sent[:300]
+            assert json.loads(sent.split(b"\r\n\r\n", 1)[1])["error"] == "request_timeout"
+            closed, sent = _closed_within(keep, 4.0)  # answered, then closed when idle
+            assert closed and sent.startswith(b"HTTP/1.1 200") and b'"notice"' in sent, sent[:300]
+            assert time.monotonic() - t0 < 8.0
+        status, body = get_json(base + "/health")
+        assert status == 200 and body["status"] == "ok"
+
+
+def test_connection_cap(predictor):
+    limits = ServerLimits(header_timeout=6.0, max_connections=4)
+    with running_server(create_app(predictor=predictor), limits=limits) as base:
+        u = urlsplit(base)
+        held = [socket.create_connection((u.hostname, u.port)) for _ in range(4)]
+        try:
+            time.sleep(0.3)
+            with socket.create_connection((u.hostname, u.port)) as extra:
+                extra.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                closed, sent = _closed_within(extra, 3.0)
+                assert closed and sent == b"", sent[:200]  # over the cap: closed unanswered
+        finally:
+            for s in held:
+                s.close()
+        time.sleep(0.3)
+        assert get_json(base + "/health")[0] == 200  # a freed slot is usable again
+
+
+def _vm_kib(pid: int, key: str) -> int:
+    for line in open(f"/proc/{pid}/status", encoding="ascii"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+RSS_BOUND_MIB = 400  # peak RSS growth allowed while 8 decode bombs arrive at once
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the peak RSS")
+def test_eight_bombs_at_once_keep_server_rss_bounded(model_dir, recordings):
+    """``respiramfm serve`` in a subprocess: 8 concurrent bombs, all 4xx, peak RSS (VmHWM) within the bound."""
+    from testkit.bombs import bombs
+
+    payloads = bombs()
+    proc = subprocess.Popen([sys.executable, "-m", "respiramfm.cli", "serve", "--model", str(model_dir), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        base, lines = None, []
+        while base is None:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            m = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line)
+            base = m.group(1) if m else None
+        assert base, "".join(lines)
+        warm = post_form(base + "/predict", [("task", "T4"), ("symptoms", "cough")],
+                         [("audio", "a.wav", recordings[0].read_bytes(), "audio/wav")])
+        assert warm[0] == 200
+        with open(f"/proc/{proc.pid}/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")  # reset the peak (VmHWM) to the current RSS: the model load's peak is not counted
+        before = _vm_kib(proc.pid, "VmRSS")
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            answers = list(pool.map(lambda kv: post_form(base + "/predict", [("task", "T4")],
+                                                         [("audio", kv[0], kv[1], "audio/wav")], timeout=120),
+                                    payloads.items()))
+        peak = _vm_kib(proc.pid, "VmHWM")
+        for (name, _), (status, body) in zip(payloads.items(), answers):
+            assert 400 <= status < 500 and body["notice"], (name, status, body)
+        growth_mib = (peak - before) / 1024
+        print(f"8 bombs at once: RSS {before / 1024:.0f} MiB before, peak +{growth_mib:.0f} MiB")
+        assert growth_mib < RSS_BOUND_MIB, f"peak RSS grew by {growth_mib:.0f} MiB (from {before / 1024:.0f} MiB)"
+        assert post_form(base + "/predict", [("task", "T4"), ("symptoms", "cough")])[0] == 200
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)

@@ -32,7 +32,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from respiramfm.data.records import read_manifest
+from respiramfm.data.splits import is_simulated, patient_label, split_records
+from respiramfm.cache.view import EmbeddingStore
 from respiramfm.errors import ConfigError, DataError
+from respiramfm.llm.text_store import TextTargetStore
 
 
 @dataclass
@@ -110,48 +114,6 @@ def pairset_from_arrays(audio: np.ndarray, text: np.ndarray, record_ids: Sequenc
                    torch.as_tensor(np.asarray(text_ids, dtype=np.int64)))
 
 
-def _patient_key(r) -> str:
-    return f"{r.dataset}/{r.patient_id}"
-
-
-def split_records(records: Sequence, val_fraction: float, datasets: Sequence[str] = ()) -> tuple[list, list, str]:
-    """(train records, val records, "manifest"|"carved"); test rows are dropped here."""
-    import dataclasses
-
-    from respiramfm.data.splits import assign_splits, check_no_leakage
-
-    wanted = set(datasets)
-    rows = [r for r in records if not wanted or r.dataset in wanted]
-    if wanted and not rows:
-        raise DataError(f"the manifest has no records of dataset(s) {sorted(wanted)}")
-    check_no_leakage(rows)
-    assigned = {_patient_key(r) for r in rows if r.split in ("val", "test")}
-    leak = sorted({_patient_key(r) for r in rows if r.split == ""} & assigned)
-    if leak:
-        raise DataError(f"unassigned records of patient(s) that also have val/test records, e.g. {leak[:5]}")
-    pool = [r for r in rows if r.split in ("train", "")]
-    val = [r for r in rows if r.split == "val"]
-    if val:
-        return pool, val, "manifest"
-    if not 0.0 < val_fraction < 1.0:
-        raise ConfigError(f"val_fraction must lie in (0, 1), got {val_fraction!r}")
-    # No validation split: deal whole training patients to train/val with the project's splitter
-    # (per dataset, stratified by diagnosis, fixed seed so every training seed sees the same val set).
-    as_train = [dataclasses.replace(r, split="train") for r in pool]
-    dealt = assign_splits(as_train, fractions=(1.0 - val_fraction, val_fraction, 0.0), seed=0)
-    train = [r for r in dealt if r.split == "train"]
-    val = [r for r in dealt if r.split == "val"]
-    if not val or not train:
-        raise DataError(f"cannot carve a validation split from {len({_patient_key(r) for r in pool})} training "
-                        "patient(s); add val rows to the manifest")
-    return train, val, "carved"
-
-
-def is_simulated(records: Sequence) -> bool:
-    """True when any record comes from the simulated cohort (figures and reports must say so)."""
-    return any(bool(r.extra.get("simulated")) or r.dataset.lower().startswith("sim") for r in records)
-
-
 def _store_rows(kind: str, store, store_dir: str, records: list, split: str,
                 skipped: list[dict]) -> tuple[list, np.ndarray]:
     """Vectors for the records the store holds (only those rows are read); the rest go to ``skipped``."""
@@ -194,10 +156,6 @@ def _build_split(records: list, split: str, audio_dir: str, text_dir: str, skipp
 def load_align_data(manifest: str, audio_store: str, text_store: str, val_fraction: float = 0.15,
                     datasets: Sequence[str] = ()) -> AlignData:
     """Join manifest, audio store and text store into train/val pair sets (test rows untouched)."""
-    from respiramfm.data.records import read_manifest
-    from respiramfm.encoders.store import EmbeddingStore
-    from respiramfm.llm.text_embed import TextTargetStore
-
     for name, value in (("manifest", manifest), ("audio_store", audio_store), ("text_store", text_store)):
         if not value:
             raise ConfigError(f"{name} is not set")
@@ -213,7 +171,7 @@ def load_align_data(manifest: str, audio_store: str, text_store: str, val_fracti
     ids = assign_text_ids([r.context for r in tr + va], np.concatenate([tr_t, va_t]))
     parts = []
     for recs, a, t, tid in ((tr, tr_a, tr_t, ids[: len(tr)]), (va, va_a, va_t, ids[len(tr):])):
-        parts.append(pairset_from_arrays(a, t, [r.record_id for r in recs], [_patient_key(r) for r in recs],
+        parts.append(pairset_from_arrays(a, t, [r.record_id for r in recs], [patient_label(r) for r in recs],
                                          [r.diagnosis for r in recs], text_ids=tid))
     return AlignData(parts[0], parts[1], source, skipped, dict(stores[0].meta), dict(stores[1].meta),
                      is_simulated(tr + va))

@@ -2,9 +2,9 @@
 
 All three L2-normalise both sides and score pairs by scaled cosine similarity.
 
-* ``infonce``   — the official RespiraMFM loss (REFERENCE §4): audio→text only, fixed
+* ``infonce``   — the official RespiraMFM loss (docs/paper.md §4): audio→text only, fixed
   temperature τ = 0.07, cross-entropy of ``a·tᵀ/τ`` against the diagonal.
-* ``clip``      — open_clip's convention (REFERENCE §8): symmetric
+* ``clip``      — open_clip's convention (docs/paper.md §8): symmetric
   ``[CE(s·A·Tᵀ) + CE(s·T·Aᵀ)]/2`` with a learnable ``logit_scale`` (log space, initialised
   at ``log(1/τ)``, used as ``exp``, clamped in place to ``[0, ln 100]`` after every step).
 * ``dup_aware`` — ``clip`` that knows about duplicate texts. Many patients share a

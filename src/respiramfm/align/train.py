@@ -5,7 +5,7 @@ tensors; each epoch draws one permutation from a seeded generator and slices it 
 batches (no DataLoader, no per-item collation), and Adam runs fused.
 
 The defaults (identical to ``configs/align.yaml``) keep the official optimisation recipe
-(REFERENCE §4: batch 64, Adam 1e-3, up to 500 epochs, τ initialised at 0.07) with three
+(docs/paper.md §4: batch 64, Adam 1e-3, up to 500 epochs, τ initialised at 0.07) with three
 changes measured on the simulated cohort: the signed projector head (``final=layernorm``),
 the symmetric CLIP loss with a learnable temperature, and validation-based selection with
 early stopping. ``configs/align_official.yaml`` reproduces the release exactly (one-way
@@ -21,7 +21,9 @@ improvement.
 Outputs in ``out_dir``: ``projector.safetensors`` + ``projector.json`` (best), ``metrics.jsonl``
 (one row per evaluation, epoch 0 = untrained: train_loss, val_loss, r1/r5 with chance_r1/r5,
 mrr, median_rank, alignment, uniformity, and scale = exp(logit_scale) = 1/τ), ``summary.json``, ``config.yaml``,
-``skipped.tsv``, ``checkpoint.safetensors`` (resume state) and ``tsne.png``. Every write is
+``skipped.tsv``, ``checkpoints/`` (resume state in the engine's format, written at epoch ends:
+projector and loss tensors, best projector, optimiser, RNG and shuffle generator) and
+``tsne.png``. The loop is the shared engine's (:mod:`respiramfm.training`). Every write is
 atomic; a killed run started again with the same config resumes from its checkpoint and
 ends with exactly the result of an uninterrupted run.
 """
@@ -37,14 +39,17 @@ from pathlib import Path
 
 import torch
 
-from respiramfm.align.checkpoint import load_checkpoint, restore, save_checkpoint
 from respiramfm.align.data import AlignData, PairSet, load_align_data
+from respiramfm.align.figures import tsne_before_after
 from respiramfm.align.losses import LOSS_KINDS, ContrastiveLoss
 from respiramfm.align.metrics import alignment, retrieval_metrics, uniformity
-from respiramfm.align.projector import Projector, ProjectorConfig, build_projector, save_projector
 from respiramfm.config import add_config_arguments, load_config, save_config, to_dict
-from respiramfm.errors import CheckpointError, ConfigError, DataError
-from respiramfm.utils.io import atomic_write_json, atomic_write_text
+from respiramfm.errors import CheckpointError, ConfigError
+from respiramfm.models.configuration import ProjectorConfig
+from respiramfm.models.projector import Projector, build_projector, save_projector
+from respiramfm.training.config import Budget, OptimConfig, RunSettings
+from respiramfm.training.engine import TrainTask, Trainer
+from respiramfm.utils.io import atomic_write_json, atomic_write_text, csv_row
 
 SELECT_METRICS = ("val_loss", "r1", "r5", "last")
 OPTIMIZERS = ("adam", "adamw")
@@ -74,7 +79,7 @@ class AlignConfig:
     select_metric: str = "val_loss"  # val_loss | r1 | r5 | last
     patience: int = 10               # evaluations without improvement before stopping; 0 = never
     checkpoint_every: int = 10       # epochs between resume checkpoints
-    resume: bool = True              # continue from out_dir/checkpoint.safetensors when present
+    resume: bool = True              # continue from the checkpoint in out_dir/checkpoints when present
     device: str = "cpu"
     threads: int = 0                 # torch intra-op CPU threads during the run (0 = leave as is)
     progress: bool = True            # tqdm bar
@@ -107,35 +112,6 @@ class AlignResult:
     summary: dict
 
 
-def make_optimizer(cfg: AlignConfig, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
-    """Adam/AdamW, fused where torch supports it on the device (same maths, one kernel per step)."""
-    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    kw = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
-    if device.type in ("cpu", "cuda"):
-        kw["fused"] = True
-    return cls(params, **kw)
-
-
-def train_epoch(model: Projector, loss_fn: ContrastiveLoss, opt: torch.optim.Optimizer, data: PairSet,
-                batch_size: int, gen: torch.Generator) -> float:
-    """One pass over a fresh permutation; returns the per-pair mean training loss."""
-    model.train()
-    n = len(data)
-    perm = torch.randperm(n, generator=gen).to(data.audio.device)
-    need_ids = loss_fn.kind == "dup_aware"
-    total = torch.zeros((), device=data.audio.device)
-    for start in range(0, n, batch_size):
-        idx = perm[start:start + batch_size]
-        ids = data.text_ids.index_select(0, idx) if need_ids else None
-        loss = loss_fn(model(data.audio.index_select(0, idx)), data.text.index_select(0, idx), ids)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loss_fn.clamp_()
-        total += loss.detach() * idx.numel()
-    return float(total) / n
-
-
 @torch.no_grad()
 def project(model: Projector, audio: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
     model.eval()
@@ -159,12 +135,6 @@ def evaluate(model: Projector, loss_fn: ContrastiveLoss, data: PairSet, batch_si
     return out
 
 
-def _improved(metric: str, value: float, best: float | None) -> bool:
-    if best is None or metric == "last":
-        return True
-    return value < best if metric == "val_loss" else value > best
-
-
 def _resume_digest(cfg: AlignConfig) -> dict:
     d = to_dict(cfg)
     for k in _RESUME_FREE:
@@ -172,18 +142,91 @@ def _resume_digest(cfg: AlignConfig) -> dict:
     return d
 
 
-def _read_metrics(path: Path, up_to_epoch: int) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [r for r in rows if r["epoch"] <= up_to_epoch]
+def align_budget(cfg: AlignConfig) -> Budget:
+    """The engine's budget of a stage-1 run: Adam(W) at a constant rate, validation every ``eval_every`` epochs."""
+    optim = OptimConfig(optimizer=cfg.optimizer, lr=cfg.lr, betas=[0.9, 0.999], eps=1e-8,
+                        weight_decay=cfg.weight_decay, schedule="constant", fused=True)
+    key, mode = {"val_loss": ("val_loss", "min"), "r1": ("r1", "max"), "r5": ("r5", "max"),
+                 "last": ("val_loss", "last")}[cfg.select_metric]
+    return Budget(optim=optim, epochs=cfg.epochs, batch_size=cfg.batch_size, eval_every=cfg.eval_every,
+                  eval_unit="epoch", select_metric=key, select_mode=mode, patience=cfg.patience)
 
 
-def _write_metrics(path: Path, rows: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+class AlignTask(TrainTask):
+    """Stage 1 for the engine: a fresh permutation of the cached pairs per epoch, the contrastive loss.
+
+    Each epoch's permutation comes from one seeded generator carried across epochs (and saved in
+    every checkpoint); checkpoints fall on epoch ends, so a resumed run draws the same permutations.
+    """
+
+    evaluates = True
+
+    def __init__(self, cfg: AlignConfig, model: Projector, loss_fn: ContrastiveLoss, train: PairSet, val: PairSet):
+        self.cfg, self.model, self.loss_fn, self.train, self.val = cfg, model, loss_fn, train, val
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.val_order = torch.randperm(len(val), generator=torch.Generator().manual_seed(_VAL_ORDER_SEED)).to(
+            val.audio.device)
+        self.perm: torch.Tensor | None = None
+        self.total: torch.Tensor | None = None  # summed training loss of the current epoch
+
+    def parameters(self):
+        return list(self.model.parameters()) + list(self.loss_fn.parameters())
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        return -(-len(self.train) // self.cfg.batch_size)
+
+    def start_epoch(self, epoch: int, start: int) -> None:
+        if start:
+            raise CheckpointError("a stage-1 checkpoint must fall on an epoch end")
+        self.perm = torch.randperm(len(self.train), generator=self.gen).to(self.train.audio.device)
+        self.total = torch.zeros((), device=self.train.audio.device)
+
+    def batches(self, epoch: int, start: int):
+        b = self.cfg.batch_size
+        return (self.perm[i:i + b] for i in range(0, len(self.train), b))
+
+    def compute_loss(self, idx):
+        data = self.train
+        ids = data.text_ids.index_select(0, idx) if self.loss_fn.kind == "dup_aware" else None
+        loss = self.loss_fn(self.model(data.audio.index_select(0, idx)), data.text.index_select(0, idx), ids)
+        self.total += loss.detach() * idx.numel()
+        return loss, {}
+
+    def after_optimizer_step(self) -> None:
+        self.loss_fn.clamp_()
+
+    def evaluate(self) -> dict:
+        train_loss = None if self.total is None else float(self.total) / len(self.train)
+        return dict(train_loss=train_loss, scale=self.loss_fn.current_scale(),
+                    **evaluate(self.model, self.loss_fn, self.val, self.cfg.batch_size, self.val_order))
+
+    def generators(self) -> dict[str, torch.Generator]:
+        return {"shuffle": self.gen}
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        out.update({f"loss.{k}": v for k, v in self.loss_fn.state_dict().items()})
+        return out
+
+    def load_checkpoint_tensors(self, tensors: dict[str, torch.Tensor], path) -> None:
+        for name, module in (("model", self.model), ("loss", self.loss_fn)):
+            part = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+            expected = module.state_dict()
+            if set(part) != set(expected) or any(part[k].shape != expected[k].shape for k in part):
+                raise CheckpointError(f"{name} tensors do not match the configured model "
+                                      f"(have {sorted(part)}, expected {sorted(expected)})", path=path)
+            module.load_state_dict(part, strict=True)
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def restore_snapshot(self, tensors: dict[str, torch.Tensor], path) -> None:
+        if set(tensors) != set(self.model.state_dict()):
+            raise CheckpointError("best-projector tensors do not match the configured model", path=path)
+        self.model.load_state_dict(tensors, strict=True)
 
 
-def train_align(cfg: AlignConfig, data: AlignData | None = None) -> AlignResult:
+def train_align(cfg: AlignConfig, data: AlignData | None = None, callbacks=()) -> AlignResult:
     """Run (or resume) stage-1 training; ``data`` defaults to loading the configured stores.
 
     ``cfg.threads`` caps torch's CPU threads for the run only (the caller's setting is
@@ -195,12 +238,12 @@ def train_align(cfg: AlignConfig, data: AlignData | None = None) -> AlignResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _train_align(cfg, data)
+        return _train_align(cfg, data, callbacks)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _train_align(cfg: AlignConfig, data: AlignData | None) -> AlignResult:
+def _train_align(cfg: AlignConfig, data: AlignData | None, callbacks) -> AlignResult:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("stage-1 training runs in one process (minutes on cached embeddings); launch it without "
                           "torchrun/accelerate. ContrastiveLoss itself supports gather-with-grad for multi-process use")
@@ -215,77 +258,25 @@ def _train_align(cfg: AlignConfig, data: AlignData | None) -> AlignResult:
     device = torch.device(cfg.device)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_path, metrics_path = out / "checkpoint.safetensors", out / "metrics.jsonl"
     train, val = data.train.to(device), data.val.to(device)
-    fingerprint = data.fingerprint()
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):  # never disturb the caller's global RNG
         torch.manual_seed(cfg.seed)
         model = build_projector(pcfg).to(device)
         loss_fn = ContrastiveLoss(cfg.loss, cfg.tau).to(device)
-        opt = make_optimizer(cfg, list(model.parameters()) + list(loss_fn.parameters()), device)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        val_order = torch.randperm(len(val), generator=torch.Generator().manual_seed(_VAL_ORDER_SEED)).to(device)
-        st = {"epoch": 0, "best_epoch": 0, "best_value": None, "evals_since_best": 0, "stopped": False}
-        if ckpt_path.exists() and cfg.resume:
-            groups, doc = load_checkpoint(ckpt_path)
-            if doc.get("config") != _resume_digest(cfg):
-                raise ConfigError("out_dir holds a checkpoint of a different configuration; use another out_dir "
-                                  "or start over with --fresh", path=ckpt_path)
-            if doc.get("data_fingerprint") != fingerprint:
-                raise DataError("the data differ from those the checkpoint was trained on; use another out_dir "
-                                "or start over with --fresh", path=ckpt_path)
-            best_state = restore(ckpt_path, groups, doc, model=model, loss_fn=loss_fn, opt=opt, shuffle_gen=gen)
-            st = {k: doc[k] for k in st}
-            rows = _read_metrics(metrics_path, st["epoch"])
-            if not {0, st["best_epoch"]} <= {r["epoch"] for r in rows}:
-                raise CheckpointError("metrics.jsonl lacks rows the checkpoint refers to; start over with --fresh",
-                                      path=metrics_path)
-        else:
-            for stale in (ckpt_path, metrics_path):
-                stale.unlink(missing_ok=True)
-            rows = [dict(epoch=0, train_loss=None, scale=loss_fn.current_scale(),
-                         **evaluate(model, loss_fn, val, cfg.batch_size, val_order))]
-            st["best_value"] = None if cfg.select_metric == "last" else rows[0][cfg.select_metric]
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            _write_metrics(metrics_path, rows)
-
-        def checkpoint() -> None:
-            save_checkpoint(ckpt_path, model=model, best_state=best_state, loss_fn=loss_fn, opt=opt, shuffle_gen=gen,
-                            state=dict(st, config=_resume_digest(cfg), data_fingerprint=fingerprint))
-
-        from tqdm.auto import tqdm
-
+        task = AlignTask(cfg, model, loss_fn, train, val)
+        run = RunSettings(out_dir=str(out), name="align", device="cpu" if device.type == "cpu" else "auto",
+                          existing="resume" if cfg.resume else "restart", checkpoint_every=cfg.checkpoint_every,
+                          checkpoint_unit="epoch", checkpoint_epoch_end=False, progress=cfg.progress,
+                          progress_unit="epoch")
+        trainer = Trainer(task, align_budget(cfg), run,
+                          fingerprint={"config": _resume_digest(cfg), "data": data.fingerprint()},
+                          callbacks=callbacks)
+        start_epoch = trainer.state["epoch"]
         t0 = time.perf_counter()
-        start_epoch = st["epoch"]
-        bar = tqdm(range(start_epoch + 1, cfg.epochs + 1), desc="align", unit="epoch", initial=start_epoch,
-                   total=cfg.epochs, disable=not cfg.progress or st["stopped"], dynamic_ncols=True)
-        for epoch in bar:
-            if st["stopped"]:
-                break
-            train_loss = train_epoch(model, loss_fn, opt, train, cfg.batch_size, gen)
-            st["epoch"] = epoch
-            if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-                row = dict(epoch=epoch, train_loss=train_loss, scale=loss_fn.current_scale(),
-                           **evaluate(model, loss_fn, val, cfg.batch_size, val_order))
-                rows.append(row)
-                value = row["val_loss" if cfg.select_metric == "last" else cfg.select_metric]
-                if _improved(cfg.select_metric, value, st["best_value"]):
-                    st.update(best_epoch=epoch, best_value=value, evals_since_best=0)
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                else:
-                    st["evals_since_best"] += 1
-                    st["stopped"] = bool(cfg.patience and st["evals_since_best"] >= cfg.patience)
-                _write_metrics(metrics_path, rows)
-                bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{row['val_loss']:.3f}", r1=f"{row['r1']:.3f}")
-            if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs or st["stopped"]:
-                checkpoint()
-        bar.close()
+        st = trainer.fit()
         train_seconds = time.perf_counter() - t0
-        if st["epoch"] == start_epoch and not ckpt_path.exists():
-            checkpoint()
-        model.load_state_dict(best_state, strict=True)
-    return _finish(cfg, data, model, rows, st, out, train_seconds, st["epoch"] - start_epoch)
+    return _finish(cfg, data, model, trainer.evaluations(), st, out, train_seconds, st["epoch"] - start_epoch)
 
 
 def _finish(cfg: AlignConfig, data: AlignData, model: Projector, rows: list[dict], st: dict, out: Path,
@@ -306,7 +297,7 @@ def _finish(cfg: AlignConfig, data: AlignData, model: Projector, rows: list[dict
     for s in data.skipped:
         counts[s["reason"]] = counts.get(s["reason"], 0) + 1
     atomic_write_text(out / "skipped.tsv", "record_id\tsplit\treason\n" + "".join(
-        f"{s['record_id']}\t{s['split']}\t{s['reason']}\n" for s in data.skipped))
+        "\t".join(csv_row([s["record_id"], s["split"], s["reason"]])) + "\n" for s in data.skipped))
     summary = {
         "best_epoch": st["best_epoch"], "select_metric": cfg.select_metric, "best": best_row,
         "last_epoch": st["epoch"], "stopped_early": st["stopped"], "n_train": len(data.train), "n_val": len(data.val),
@@ -318,13 +309,12 @@ def _finish(cfg: AlignConfig, data: AlignData, model: Projector, rows: list[dict
         summary["figure"] = _figure(data, model, out / "tsne.png", cfg.seed, cfg.threads or None)
     save_config(cfg, out / "config.yaml")
     atomic_write_json(out / "summary.json", summary)
-    return AlignResult(out, st["best_epoch"], best_row, st["epoch"], st["stopped"], rows, summary)
+    measured = [{k: v for k, v in r.items() if k != "improved"} for r in rows]  # the selection's mark apart
+    return AlignResult(out, st["best_epoch"], best_row, st["epoch"], st["stopped"], measured, summary)
 
 
 def _figure(data: AlignData, model: Projector, path: Path, seed: int, threads: int | None) -> dict | None:
     """t-SNE before/after on validation rows (plus training rows when validation is too small to show)."""
-    from respiramfm.align.figures import tsne_before_after
-
     parts = [data.val] if len(data.val) >= 50 else [data.train, data.val]
     audio = torch.cat([p.audio.cpu() for p in parts])
     if audio.shape[0] < 5:

@@ -11,9 +11,21 @@ Why not just call ``librosa.load``?  Three reasons:
   every later step.  Here empty, truncated, corrupt, unsupported and non-finite
   input raises :class:`~respiramfm.errors.AudioDecodeError` naming the file and
   the cause, so batch jobs can skip and report the item.
-* **Bounded cost.** ``max_seconds`` (default :data:`DEFAULT_MAX_SECONDS`) rejects
-  absurdly long files before decoding them (checked from the header where it
-  declares a length, during decoding otherwise).
+* **Bounded cost.** A few kilobytes of FLAC or WavPack can declare minutes at a
+  megahertz sample rate and decode to gigabytes.  Three limits apply to every
+  decoder (libsndfile and FFmpeg alike), first to what the header declares and
+  then, because headers lie, to what the decoder actually produces, stopping
+  as soon as one is crossed:
+
+  - ``max_seconds`` (default :data:`DEFAULT_MAX_SECONDS`) of audio;
+  - a native sample rate of at most :data:`MAX_NATIVE_RATE` (384 kHz, the
+    highest rate audio hardware records at);
+  - a *decoded-samples budget*, counting every channel: ``max_seconds`` x
+    :data:`BUDGET_SAMPLES_PER_SECOND` (96,000) unless ``max_samples`` says
+    otherwise.  That is the full ``max_seconds`` at 48 kHz stereo or 96 kHz
+    mono; 192 kHz or 8 channels get proportionally less time.  Decoding keeps
+    at most one block plus the mono result in memory, so the budget bounds the
+    memory one decode can take (about 8 bytes per budgeted sample at worst).
 
 Parity: for every file soundfile can read, :func:`load` is bit-identical to
 ``librosa.load(path, sr=sr)`` (librosa 0.11): soundfile float32 read, mono = mean
@@ -25,7 +37,6 @@ from __future__ import annotations
 
 import io
 import os
-import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, Sequence, Union
@@ -35,6 +46,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from respiramfm.audio.containers import ogg_declared_seconds, shortfall, sniff_format, wav_declared_shortfall
 from respiramfm.errors import AudioDecodeError
 
 PathLike = Union[str, os.PathLike]
@@ -43,43 +55,16 @@ PathLike = Union[str, os.PathLike]
 #: recordings in the supported datasets last 1-90 s; an hour of 192 kHz 8-channel
 #: audio would need gigabytes, so the limit is a guard, not a modelling choice.
 DEFAULT_MAX_SECONDS = 600.0
+#: Highest native sample rate accepted (Hz), whatever the duration: 384 kHz is the
+#: top rate of studio converters; respiratory datasets use 4-48 kHz.
+MAX_NATIVE_RATE = 384_000
+#: Decoded samples (all channels) allowed per second of ``max_seconds``.
+BUDGET_SAMPLES_PER_SECOND = 96_000
 
 #: Formats that libsndfile decodes (sniffed label -> soundfile is tried first).
 _SOUNDFILE_FORMATS = frozenset({"wav", "aiff", "flac", "ogg", "mp3", "caf", "au"})
-_BLOCK_FRAMES = 1 << 20  # decode multichannel files in blocks to bound memory
-
-
-def sniff_format(head: bytes) -> str | None:
-    """Name the container from its first bytes (at least 12), or ``None`` if unknown.
-
-    Labels: wav, aiff, flac, ogg, mp3, caf, au, webm (any Matroska), mp4, aac.
-    The extension of a file is never consulted: users rename files freely.
-    """
-    if len(head) < 4:
-        return None
-    if head[:4] in (b"RIFF", b"RIFX", b"RF64") and head[8:12] == b"WAVE":
-        return "wav"
-    if head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
-        return "aiff"
-    if head[:4] == b"fLaC":
-        return "flac"
-    if head[:4] == b"OggS":
-        return "ogg"
-    if head[:4] == b"caff":
-        return "caf"
-    if head[:4] == b".snd":
-        return "au"
-    if head[:4] == b"\x1aE\xdf\xa3":
-        return "webm"
-    if head[4:8] == b"ftyp":
-        return "mp4"
-    if head[:3] == b"ID3":
-        return "mp3"
-    if head[0] == 0xFF and (head[1] & 0xF6) == 0xF0:  # ADTS sync, layer bits 00
-        return "aac"
-    if head[0] == 0xFF and (head[1] & 0xE0) == 0xE0:  # MPEG audio frame sync
-        return "mp3"
-    return None
+_UNKNOWN_FRAMES = 1 << 62
+_BLOCK_FRAMES = 1 << 18  # decode in blocks: the budget is enforced while decoding, before memory is spent
 
 
 class _Source:
@@ -105,72 +90,13 @@ class _Source:
 # ----------------------------------------------------------------------------- checks
 
 
-def _wav_declared_shortfall(fh: BinaryIO, size: int) -> tuple[int, int] | None:
-    """For a RIFF/WAVE stream, return (declared, available) data bytes when truncated.
-
-    libsndfile silently shrinks a data chunk that runs past the end of the file,
-    so truncation is invisible after decoding; the RIFF chunk table still tells.
-    Streaming writers that leave the size unset (0 or 0xFFFFFFFF) are not flagged.
-    """
-    fh.seek(0)
-    head = fh.read(12)
-    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-        return None  # RIFX / RF64: libsndfile's own checks only
-    pos = 12
-    while pos + 8 <= size:
-        fh.seek(pos)
-        chunk_id, chunk_size = struct.unpack("<4sI", fh.read(8))
-        if chunk_id == b"data":
-            available = size - (pos + 8)
-            if chunk_size not in (0, 0xFFFFFFFF) and chunk_size > available:
-                return chunk_size, available
-            return None
-        pos += 8 + chunk_size + (chunk_size & 1)
-    return None
-
-
-def _ogg_declared_seconds(fh: BinaryIO, size: int) -> float | None:
-    """Duration an Ogg stream declares: the last page's granule position.
-
-    libsndfile stops quietly at a damaged Ogg page and reports only what it read,
-    so, as for wav, the container's own bookkeeping is the witness.  Handles
-    Vorbis/FLAC (granule = samples at the stream rate) and Opus (48 kHz granule
-    minus pre-skip); anything else returns ``None`` (not checked).
-    """
-    fh.seek(0)
-    first = fh.read(27 + 255 + 64)
-    if len(first) < 28:
-        return None
-    body = first[27 + first[26] :]
-    if body[:7] == b"\x01vorbis" and len(body) >= 16:
-        rate, preskip = struct.unpack("<I", body[12:16])[0], 0
-    elif body[:8] == b"OpusHead" and len(body) >= 12:
-        rate, preskip = 48000, struct.unpack("<H", body[10:12])[0]
-    elif body[:5] == b"\x7fFLAC" and len(body) >= 30:
-        rate, preskip = int.from_bytes(body[27:30], "big") >> 4, 0
-    else:
-        return None
-    fh.seek(max(0, size - 65536))
-    tail = fh.read()
-    last = tail.rfind(b"OggS")
-    if last < 0 or last + 14 > len(tail) or rate <= 0:
-        return None
-    granule = struct.unpack("<q", tail[last + 6 : last + 14])[0]
-    return None if granule < 0 else max(0, granule - preskip) / rate
-
-
-def _shortfall(declared_s: float | None, decoded_s: float) -> bool:
-    """Decoded clearly less than declared (codec priming/padding stays within tolerance)."""
-    return declared_s is not None and declared_s - decoded_s > max(0.25, 0.05 * declared_s)
-
-
-def _check_finite(y: np.ndarray, src: _Source, sr: int) -> None:
+def _check_finite(y: np.ndarray, src: _Source, sr: int, offset: int = 0) -> None:
     finite = np.isfinite(y)
     if finite.all():
         return
     if not finite.any():
         raise src.error("every sample is NaN or infinite")
-    first = int(np.flatnonzero(~finite.reshape(finite.shape[0], -1).all(axis=1))[0])
+    first = offset + int(np.flatnonzero(~finite.reshape(finite.shape[0], -1).all(axis=1))[0])
     bad = int((~finite).sum())
     raise src.error(f"{bad} of {finite.size} samples are NaN or infinite (first at {first / sr:.3f} s)")
 
@@ -183,9 +109,32 @@ def _check_overflow(y: np.ndarray, src: _Source) -> np.ndarray:
     return y
 
 
-def _check_length(frames: int, sr: int, src: _Source, max_seconds: float | None) -> None:
-    if max_seconds is not None and frames > max_seconds * sr:
-        raise src.error(f"recording is longer than max_seconds={max_seconds:g} s ({frames / sr:.1f} s)")
+class _Limits:
+    """The three decode limits (seconds, native rate, decoded-samples budget) for one call."""
+
+    def __init__(self, max_seconds: float | None, max_samples: int | None):
+        if max_samples is None and max_seconds is not None:
+            max_samples = int(max_seconds * BUDGET_SAMPLES_PER_SECOND)
+        self.max_seconds, self.max_samples = max_seconds, max_samples
+
+    def header(self, src: _Source, sr: int, channels: int, frames: int | None) -> None:
+        """What the header declares, checked before any sample is decoded."""
+        if sr <= 0:
+            raise src.error(f"invalid sample rate {sr}")
+        if sr > MAX_NATIVE_RATE:
+            raise src.error(f"sample rate {sr} Hz is above the maximum of {MAX_NATIVE_RATE} Hz")
+        if frames is not None:
+            self.progress(src, frames, channels, sr, declared=True)
+
+    def progress(self, src: _Source, frames: int, channels: int, sr: int, declared: bool = False) -> None:
+        """``frames`` decoded so far (or declared): stop as soon as a limit is crossed."""
+        if self.max_seconds is not None and frames > self.max_seconds * sr:
+            raise src.error(f"recording is longer than max_seconds={self.max_seconds:g} s ({frames / sr:.1f} s)")
+        samples = frames * max(1, channels)
+        if self.max_samples is not None and samples > self.max_samples:
+            what = "the header declares" if declared else "decoding stopped after"
+            raise src.error(f"over the decoded-samples budget of {self.max_samples} samples: {what} {samples} "
+                            f"({frames} frames x {channels} channels at {sr} Hz)")
 
 
 # ----------------------------------------------------------------------------- decoders
@@ -199,27 +148,37 @@ def _to_mono(y: np.ndarray) -> np.ndarray:
         return np.mean(y.T, axis=0)
 
 
-def _decode_soundfile(src: _Source, max_seconds: float | None) -> tuple[np.ndarray, int]:
+def _decode_soundfile(src: _Source, lim: _Limits) -> tuple[np.ndarray, int]:
     with sf.SoundFile(src.target()) as f:
         sr, frames, channels = int(f.samplerate), int(f.frames), int(f.channels)
-        if sr <= 0:
-            raise src.error(f"invalid sample rate {sr}")
-        _check_length(frames, sr, src, max_seconds)
-        if channels == 1:
-            y = f.read(dtype="float32", always_2d=False)
-            _check_finite(y, src, sr)
-        else:
-            blocks = []
-            for block in f.blocks(blocksize=_BLOCK_FRAMES, dtype="float32", always_2d=True):
-                _check_finite(block, src, sr)
+        if frames >= _UNKNOWN_FRAMES:  # libsndfile's "length unknown" (e.g. a streamed FLAC): count while decoding
+            frames = 0
+        lim.header(src, sr, channels, frames or None)
+        # A length the header declared within the budget is allocated once and filled in place.
+        out = np.empty(frames, np.float32) if frames and lim.max_samples is not None else None
+        blocks, done = [], 0
+        while True:  # not f.blocks(): it pads a short last read with stale samples
+            block = f.read(_BLOCK_FRAMES, dtype="float32", always_2d=channels > 1)
+            n = block.shape[0]
+            if n == 0:
+                break
+            lim.progress(src, done + n, channels, sr)
+            _check_finite(block, src, sr, offset=done)
+            if out is not None and done + n <= frames:
+                out[done:done + n] = _to_mono(block)
+            else:
                 blocks.append(_to_mono(block))
-            y = np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
+            done += n
+    if out is not None:
+        y = out[:done] if not blocks else np.concatenate([out[: done - sum(len(b) for b in blocks)], *blocks])
+    else:
+        y = blocks[0] if len(blocks) == 1 else np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
     if len(y) < frames:
         raise src.error(f"truncated or corrupt: header declares {frames} frames, only {len(y)} decoded")
     return y, sr
 
 
-def _decode_pyav(src: _Source, max_seconds: float | None) -> tuple[np.ndarray, int]:
+def _decode_pyav(src: _Source, lim: _Limits) -> tuple[np.ndarray, int]:
     """Decode the first audio stream with FFmpeg; planar float32, native rate."""
     # A file object, never the path string: FFmpeg would read "concat:..." or
     # "http://..." in a manifest path as a protocol and open something else.
@@ -227,6 +186,11 @@ def _decode_pyav(src: _Source, max_seconds: float | None) -> tuple[np.ndarray, i
         if not container.streams.audio:
             raise src.error("no audio stream in the container")
         stream = container.streams.audio[0]
+        declared_s = container.duration / 1e6 if container.duration else None
+        cc = stream.codec_context  # None when FFmpeg has no decoder for the codec
+        rate, channels = (int(cc.sample_rate or 0), int(cc.channels or 0)) if cc is not None else (0, 0)
+        if rate > 0:  # from the stream header, before decoding
+            lim.header(src, rate, channels, int(declared_s * rate) if declared_s and declared_s > 0 else None)
         resampler = av.AudioResampler(format="fltp")  # layout and rate unchanged
         chunks: list[np.ndarray] = []
         sr, total = 0, 0
@@ -234,20 +198,23 @@ def _decode_pyav(src: _Source, max_seconds: float | None) -> tuple[np.ndarray, i
         def take(frame_list):
             nonlocal sr, total
             for fr in frame_list:
-                sr = sr or int(fr.sample_rate)
+                if not sr:
+                    sr = int(fr.sample_rate)
+                    lim.header(src, sr, len(fr.layout.channels), None)
                 block = fr.to_ndarray().T  # (samples, channels)
-                _check_finite(block, src, sr)
+                lim.progress(src, total + block.shape[0], block.shape[1], sr)
+                _check_finite(block, src, sr, offset=total)
                 chunks.append(_to_mono(block).astype(np.float32, copy=False))
                 total += block.shape[0]
-                _check_length(total, sr, src, max_seconds)
 
         for frame in container.decode(stream):
+            if frame.sample_rate > MAX_NATIVE_RATE:  # a rate change mid-stream
+                lim.header(src, int(frame.sample_rate), 1, None)
             take(resampler.resample(frame))
         take(resampler.resample(None))
-        declared_s = container.duration / 1e6 if container.duration else None
     if total == 0 or sr <= 0:
         raise src.error("no decodable audio samples (empty or truncated)")
-    if _shortfall(declared_s, total / sr):
+    if shortfall(declared_s, total / sr):
         raise src.error(
             f"truncated or corrupt: container declares {declared_s:.2f} s, only {total / sr:.2f} s decoded"
         )
@@ -257,7 +224,7 @@ def _decode_pyav(src: _Source, max_seconds: float | None) -> tuple[np.ndarray, i
 _FFMPEG_ERRORS = (av.error.FFmpegError, ValueError, IndexError, EOFError, OSError)
 
 
-def _decode(src: _Source, max_seconds: float | None) -> tuple[np.ndarray, int]:
+def _decode(src: _Source, lim: _Limits) -> tuple[np.ndarray, int]:
     if src.path is not None and src.path.is_dir():
         raise src.error("is a directory, not an audio file")
     try:
@@ -266,8 +233,8 @@ def _decode(src: _Source, max_seconds: float | None) -> tuple[np.ndarray, int]:
             raise src.error("empty file (0 bytes)")
         with src.open() as fh:
             kind = sniff_format(fh.read(64))
-            short = _wav_declared_shortfall(fh, size) if kind == "wav" else None
-            ogg_seconds = _ogg_declared_seconds(fh, size) if kind == "ogg" else None
+            short = wav_declared_shortfall(fh, size) if kind == "wav" else None
+            ogg_seconds = ogg_declared_seconds(fh, size) if kind == "ogg" else None
     except OSError as exc:
         raise src.error(f"cannot read file ({exc.strerror or exc})") from exc
     if short is not None:
@@ -275,7 +242,7 @@ def _decode(src: _Source, max_seconds: float | None) -> tuple[np.ndarray, int]:
     sf_cause = None
     if kind in _SOUNDFILE_FORMATS:
         try:
-            y, sr = _decode_soundfile(src, max_seconds)
+            y, sr = _decode_soundfile(src, lim)
         except sf.SoundFileRuntimeError as exc:
             cause = getattr(exc, "error_string", None) or str(exc)
             if "opening" not in str(exc).lower():
@@ -286,13 +253,13 @@ def _decode(src: _Source, max_seconds: float | None) -> tuple[np.ndarray, int]:
         else:
             if len(y) == 0:
                 raise src.error("no audio samples (zero-length data, or truncated)")
-            if _shortfall(ogg_seconds, len(y) / sr):
+            if shortfall(ogg_seconds, len(y) / sr):
                 raise src.error(
                     f"truncated or corrupt: stream declares {ogg_seconds:.2f} s, only {len(y) / sr:.2f} s decoded"
                 )
             return y, sr
     try:
-        y, sr = _decode_pyav(src, max_seconds)
+        y, sr = _decode_pyav(src, lim)
     except AudioDecodeError:
         raise
     except _FFMPEG_ERRORS as exc:
@@ -323,36 +290,42 @@ def resample(y: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     return np.asarray(out, dtype=y.dtype)
 
 
-def _finish(src: _Source, sr: int | None, max_seconds: float | None) -> np.ndarray:
+def _finish(src: _Source, sr: int | None, lim: _Limits) -> np.ndarray:
     if sr is not None and (int(sr) != sr or sr <= 0):
         raise ValueError(f"sr must be a positive integer, got {sr!r}")
-    y, native = _decode(src, max_seconds)
+    y, native = _decode(src, lim)
     return _check_overflow(y if sr is None else resample(y, native, int(sr)), src)
 
 
-def decode_native(path: PathLike, *, max_seconds: float | None = DEFAULT_MAX_SECONDS) -> tuple[np.ndarray, int]:
+def decode_native(path: PathLike, *, max_seconds: float | None = DEFAULT_MAX_SECONDS,
+                  max_samples: int | None = None) -> tuple[np.ndarray, int]:
     """Decode ``path`` at its own sample rate: ``(mono float32 waveform, rate)``."""
     src = _Source(os.fspath(path), path=Path(path))
-    y, sr = _decode(src, max_seconds)
+    y, sr = _decode(src, _Limits(max_seconds, max_samples))
     return _check_overflow(y, src), sr
 
 
-def load(path: PathLike, sr: int = 16000, *, max_seconds: float | None = DEFAULT_MAX_SECONDS) -> np.ndarray:
+def load(path: PathLike, sr: int = 16000, *, max_seconds: float | None = DEFAULT_MAX_SECONDS,
+         max_samples: int | None = None) -> np.ndarray:
     """Decode ``path`` to a 1-D float32 mono waveform at ``sr`` Hz.
 
     Any channel count (mono = mean of channels) and any source rate; soxr 'HQ'
     resampling.  Bit-identical to ``librosa.load(path, sr=sr)[0]`` whenever
-    libsndfile can read the file.  ``max_seconds=None`` lifts the length limit.
+    libsndfile can read the file.  ``max_seconds=None`` lifts the length limit
+    and, unless ``max_samples`` is given, the decoded-samples budget (default
+    ``max_seconds`` x :data:`BUDGET_SAMPLES_PER_SECOND`, all channels counted).
 
     Raises:
-        AudioDecodeError: empty, truncated, corrupt, unsupported, too long, or
-            containing NaN/inf samples (the message names the file and cause).
+        AudioDecodeError: empty, truncated, corrupt, unsupported, too long, over
+            the sample budget or :data:`MAX_NATIVE_RATE`, or containing NaN/inf
+            samples (the message names the file and cause).
     """
-    return _finish(_Source(os.fspath(path), path=Path(path)), sr, max_seconds)
+    return _finish(_Source(os.fspath(path), path=Path(path)), sr, _Limits(max_seconds, max_samples))
 
 
 def load_audio_bytes(
-    data: bytes, name: str, sr: int = 16000, *, max_seconds: float | None = DEFAULT_MAX_SECONDS
+    data: bytes, name: str, sr: int = 16000, *, max_seconds: float | None = DEFAULT_MAX_SECONDS,
+    max_samples: int | None = None,
 ) -> np.ndarray:
     """Decode an in-memory upload; ``name`` is only used in error messages.
 
@@ -361,7 +334,7 @@ def load_audio_bytes(
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"data must be bytes, got {type(data).__name__}")
-    return _finish(_Source(name, data=bytes(data)), sr, max_seconds)
+    return _finish(_Source(name, data=bytes(data)), sr, _Limits(max_seconds, max_samples))
 
 
 def load_many(
@@ -392,11 +365,12 @@ def load_many(
 
 
 __all__: list[str] = [
+    "BUDGET_SAMPLES_PER_SECOND",
     "DEFAULT_MAX_SECONDS",
+    "MAX_NATIVE_RATE",
     "decode_native",
     "load",
     "load_audio_bytes",
     "load_many",
     "resample",
-    "sniff_format",
 ]

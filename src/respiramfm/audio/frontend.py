@@ -1,4 +1,4 @@
-"""The OPERA-CT front end, exactly (REFERENCE.md section 2): waveform -> (T, 64) log-mel.
+"""The OPERA-CT front end, exactly (docs/paper.md §2): waveform -> (T, 64) log-mel.
 
 OPERA (``evelyn0414/OPERA:src/util.py``, ``get_entire_signal_librosa``) turns a
 16 kHz recording into the encoder's input in four steps:
@@ -29,20 +29,24 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from respiramfm.audio import melspec
-from respiramfm.audio.decode import DEFAULT_MAX_SECONDS, load_many, resample
+from respiramfm.audio.decode import DEFAULT_MAX_SECONDS, MAX_NATIVE_RATE, load_many, resample
 from respiramfm.errors import AudioDecodeError, ConfigError
 
 CROPS = ("whole", "first", "peak")
+# Upper bounds (far above any real setting) so a mistyped or tampered config cannot allocate
+# gigabytes before the first check: e.g. n_fft = 10**9 would need a 119 GiB STFT window.
+LIMITS = {"sr": MAX_NATIVE_RATE, "n_mels": 1024, "n_fft": 65536, "hop": 65536, "trim_frame": 1 << 20,
+          "trim_hop": 1 << 20, "input_sec": 3600.0, "crop_sec": 3600.0}
 
 
 @dataclass(frozen=True)
 class FrontendConfig:
-    """Every knob of the OPERA front end; the defaults are OPERA-CT's (REFERENCE.md section 2).
+    """Every knob of the OPERA front end; the defaults are OPERA-CT's (docs/paper.md §2).
 
     ``crop_sec`` only matters for ``crop="first"``/``"peak"``; the ``trim_*``
     fields only when ``trim`` is on.  :meth:`key` names the configuration for
@@ -73,6 +77,9 @@ class FrontendConfig:
         for name in ("input_sec", "crop_sec", "top_db", "trim_top_db"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"frontend.{name} must be positive, got {getattr(self, name)!r}")
+        for name, limit in LIMITS.items():
+            if getattr(self, name) > limit:
+                raise ConfigError(f"frontend.{name} is {getattr(self, name)!r}, above the limit of {limit}")
         if not 0 <= self.fmin < self.fmax <= self.sr / 2:
             raise ConfigError(f"frontend: need 0 <= fmin < fmax <= sr/2, got {self.fmin}, {self.fmax}")
 
@@ -266,11 +273,14 @@ def opera_spectrogram_files(
     device: str = "cpu",
     workers: int | None = None,
     max_seconds: float | None = DEFAULT_MAX_SECONDS,
+    content_check: Callable[[np.ndarray], object] | None = None,
 ) -> list[np.ndarray | AudioDecodeError]:
     """Decode (thread pool) and featurise files; a bad file yields its error in place.
 
     Each file is decoded and resampled once (:func:`respiramfm.audio.load_many`),
     then all good clips go through :func:`opera_spectrogram_batch` together.
+    ``content_check`` (e.g. :func:`respiramfm.audio.content.check_content` at
+    ``cfg.sr``) sees each decoded waveform first; the error it raises is that file's.
     """
     cfg = cfg or FrontendConfig()
     decoded = load_many(paths, cfg.sr, max_seconds=max_seconds, workers=workers)
@@ -281,10 +291,12 @@ def opera_spectrogram_files(
         if isinstance(y, AudioDecodeError):
             continue
         try:
+            if content_check is not None:
+                content_check(y)
             waves.append(preprocess_wave(y, cfg))
             good.append(i)
         except AudioDecodeError as exc:
-            out[i] = AudioDecodeError(str(exc), path=p, cause=exc.cause)
+            out[i] = type(exc)(exc.cause, path=p)
     specs = melspec.logmel_batch(waves, *_mel_args(cfg), device=device)
     for i, s in zip(good, specs):
         out[i] = s

@@ -1,4 +1,4 @@
-"""Log-mel spectrogram of the OPERA front end, steps 5-7 (REFERENCE.md section 2).
+"""Log-mel spectrogram of the OPERA front end, steps 5-7 (docs/paper.md §2).
 
 Two implementations of one formula, kept deliberately independent so each checks
 the other in the tests:

@@ -19,13 +19,17 @@ from collections import Counter
 from pathlib import Path
 
 from respiramfm.data.datasets import ADAPTERS
+from respiramfm.data.datasets.generic import FIELD_HELP as GENERIC_FIELDS
 from respiramfm.data.records import relative_audio_path, write_manifest
 from respiramfm.data.splits import assign_splits, check_no_leakage
 from respiramfm.errors import ConfigError, DataError, RespiraMFMError
+from respiramfm.utils.io import atomic_write_text
 
 HELP = {
-    "icbhi": "ICBHI 2017 (ROOT holds the three official txt files and audio_and_txt_files/)",
-    "kauh": "KAUH lung sounds (ROOT holds AudioFiles/ and optionally 'Data annotation.xlsx')",
+    "icbhi": "ICBHI 2017: ROOT holds the three official txt files and audio_and_txt_files/, or the cycle-segment "
+             "layout (Crack/, Normal/, Wheeze/ with patient_diagnosis.csv and demographic_info.txt); detected",
+    "kauh": "KAUH lung sounds (ROOT holds AudioFiles/, 'Audio Files/' or 'Audio Files Test/', or name it with "
+            "--audio-dir; optionally 'Data annotation.xlsx')",
     "coswara": "Coswara (ROOT holds combined_data.csv and optionally Extracted_data/)",
     "coughvid": "Coughvid (ROOT holds metadata_compiled.csv and the <uuid>.webm/.ogg files)",
     "ukcovid19": "UK COVID-19 Vocal Audio (ROOT holds the three CSVs and audio/)",
@@ -64,9 +68,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         elif name == "ukcovid19":
             p.add_argument("--modality", default="cough",
                            help="comma list of cough, three_cough, exhalation, sentence (default cough)")
+        elif name == "kauh":
+            p.add_argument("--audio-dir", default=None,
+                           help="audio folder, relative to ROOT or absolute (default: the first of AudioFiles, "
+                                "'Audio Files', 'Audio Files Test')")
         elif name == "generic":
             p.add_argument("--csv", default=None, help="metadata CSV (default ROOT/metadata.csv, or ROOT itself)")
-            p.add_argument("--columns", default="", help="field=column,... e.g. record_id=file,diagnosis=label")
+            p.formatter_class = argparse.RawDescriptionHelpFormatter
+            p.epilog = "fields --columns can map (a field whose name is a CSV column maps itself; other " \
+                       "columns are kept in extra):\n" + "\n".join(
+                           f"  {k:<16} {v}" for k, v in GENERIC_FIELDS.items())
+            p.add_argument("--columns", default="", help="field=column,... e.g. record_id=file,diagnosis=label "
+                                                         "(fields listed below)")
             p.add_argument("--dataset", dest="dataset_name", required=True, help="dataset name for the records")
             p.add_argument("--diagnosis-map", default="", help="raw=canonical,... e.g. 1=tb,0=non-tb")
             p.add_argument("--labels", default="", help="allowed diagnoses (comma list); others are reported")
@@ -83,6 +96,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _options(args: argparse.Namespace) -> dict:
     if args.source in ("coswara", "ukcovid19"):
         return {"modality": args.modality}
+    if args.source == "kauh":
+        return {"audio_dir": args.audio_dir}
     if args.source == "generic":
         return {"csv": args.csv, "columns": args.columns, "dataset": args.dataset_name,
                 "diagnosis_map": args.diagnosis_map, "labels": args.labels, "audio_type": args.audio_type}
@@ -107,8 +122,6 @@ def _report_text(args, records, problems: list[str]) -> str:
 
 def prepare(args: argparse.Namespace) -> tuple[list, list[str], Path]:
     """Run one adapter and write manifest and report; returns (records, problems, report path)."""
-    from respiramfm.utils.io import atomic_write_text
-
     out: Path = args.out
     report = args.report or out.with_name(out.name + ".report.txt")
     if not args.root.exists():

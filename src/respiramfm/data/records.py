@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Iterable
 
 from respiramfm.errors import DataError
+from respiramfm.utils.io import atomic_write_text, csv_row, csv_value
 
 SPLITS = ("train", "val", "test", "")
 
@@ -98,8 +99,6 @@ def _from_row(row: dict[str, str], path: str, line: int) -> Record:
 
 def write_manifest(records: Iterable[Record], path: str | os.PathLike) -> Path:
     """Write records as CSV atomically. Duplicate record ids are an error."""
-    from respiramfm.utils.io import atomic_write_text
-
     path = Path(path)
     records = list(records)
     check_unique_ids(records, str(path))
@@ -107,7 +106,7 @@ def write_manifest(records: Iterable[Record], path: str | os.PathLike) -> Path:
     w = csv.DictWriter(buf, fieldnames=FIELDS, lineterminator="\n")
     w.writeheader()
     for r in records:
-        w.writerow(_to_row(r))
+        w.writerow(csv_row(_to_row(r)))  # formula-looking cells neutralised (read_manifest undoes it)
     atomic_write_text(path, buf.getvalue())
     return path
 
@@ -132,7 +131,7 @@ def read_manifest(path: str | os.PathLike) -> list[Record]:
         for i, row in enumerate(reader, start=2):
             if None in row:
                 raise DataError(f"line {i}: more fields than the header", path=path)
-            out.append(_from_row(row, path, i))
+            out.append(_from_row({k: csv_value(v) if isinstance(v, str) else v for k, v in row.items()}, path, i))
     except csv.Error as exc:
         raise DataError(f"malformed CSV at line {reader.line_num}: {exc}", path=path) from None
     check_unique_ids(out, path)

@@ -41,6 +41,7 @@ from respiramfm.data.simulate_population import (
 )
 from respiramfm.data.splits import check_no_leakage
 from respiramfm.data.tasks import Task, dump_tasks_yaml
+from respiramfm.data.templates import render_context
 from respiramfm.errors import ConfigError, DataError
 from respiramfm.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_bytes
 
@@ -153,8 +154,6 @@ def _render(ds: DatasetSpec, p: Patient, rng: np.random.Generator, sr: int, seco
 
 def simulate_dataset(ds: DatasetSpec, cfg: SimConfig, out: Path) -> list[Record]:
     """Render every recording of ``ds`` under ``out/audio/<name>/`` and return its records."""
-    from respiramfm.data.templates import render_context
-
     k = _key(ds.name)
     lo, hi = cfg.clip_range()
     patients, splits = plan_patients(ds, cfg)

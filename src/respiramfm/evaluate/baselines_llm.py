@@ -1,13 +1,13 @@
 """LLM baselines whose audio projector trains END TO END with the LoRA: RespLLM and "no alignment".
 
-Both reuse the RespiraMFM stage-2 machinery (:class:`respiramfm.fusion.model.RespiraMFM`:
+Both reuse the RespiraMFM stage-2 machinery (:class:`respiramfm.models.fusion.RespiraMFM`:
 sequence layout, correct attention mask, last-real-token pooling, shared-prompt KV
 prefix) and differ from it in one respect: **the projector is a trainable parameter**
 instead of a frozen stage-1 aligner. :class:`EndToEndModel` lifts the freeze, and
 :func:`train_end_to_end` projects each batch's audio *with autograd* (the RespiraMFM
 trainer projects once and caches, which is only valid for a frozen projector).
 
-* **RespLLM** (:func:`build_respllm`; REFERENCE §5, ``evelyn0414/RespLLM``): one
+* **RespLLM** (:func:`build_respllm`; docs/paper.md §5, ``evelyn0414/RespLLM``): one
   ``Linear(in_dim, d_llm)`` projector, no stage 1, RespLLM prompt wording, 1 pooled
   audio token or the 64-token OPERA-CT grid (``respiramfm embed --tokens``), and either
   RespLLM's ``FlattenHead`` (first ``d_ff`` = 32 channels of the last hidden state at the
@@ -33,16 +33,21 @@ trainer projects once and caches, which is only valid for a frozen projector).
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, replace
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 from torch import nn
 
 from respiramfm.errors import ConfigError, DataError
-from respiramfm.fusion.model import FusionConfig, RespiraMFM, load_configured_backbone
+from respiramfm.fusion.data import plan_epoch, prepare_examples, resolved_items
+from respiramfm.fusion.infer import predict_proba, shared_prefix_logits, validation_metrics
+from respiramfm.fusion.train_config import SELECT_KEYS
+from respiramfm.models.configuration import FusionConfig, ProjectorConfig
+from respiramfm.models.fusion import RespiraMFM, load_configured_backbone
+from respiramfm.models.projector import Projector
+from respiramfm.training.config import Budget, OptimConfig, RunSettings
+from respiramfm.training.engine import TrainTask, Trainer, make_accelerator
 
 HEADS = ("last", "flatten")
 
@@ -107,8 +112,6 @@ def _backbone_and_cfg(cfg: FusionConfig, **changes):
 def build_respllm(cfg: FusionConfig, in_dim: int, head: str = "flatten", d_ff: int = 32, seed: int = 0,
                   tasks: dict | None = None) -> EndToEndModel:
     """RespLLM: Linear(in_dim, d_llm) projector + LoRA + FlattenHead (or last-token head), RespLLM prompts."""
-    from respiramfm.align.projector import Projector, ProjectorConfig
-
     cfg, backbone = _backbone_and_cfg(cfg, prompt_style="respllm")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -120,8 +123,6 @@ def build_respllm(cfg: FusionConfig, in_dim: int, head: str = "flatten", d_ff: i
 def build_no_alignment(cfg: FusionConfig, in_dim: int, hidden: int = 1024, final: str = "layernorm",
                        dropout: float = 0.1, seed: int = 0, tasks: dict | None = None) -> EndToEndModel:
     """RespiraMFM with its MLP projector randomly initialised and trained end to end (no stage 1)."""
-    from respiramfm.align.projector import Projector, ProjectorConfig
-
     cfg, backbone = _backbone_and_cfg(cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -173,8 +174,6 @@ class _RowView:
 
 def prepare_raw(model: EndToEndModel, examples):
     """``Prepared`` examples whose ``audio`` holds the RAW encoder embeddings (N_rows, n_tokens, in_dim)."""
-    from respiramfm.fusion.data import prepare_examples
-
     empty = replace(examples, audio=examples.audio[:0])  # token ids only; audio is projected per batch
     prep = prepare_examples(model, empty)
     raw = torch.from_numpy(np.ascontiguousarray(examples.audio, dtype=np.float32))
@@ -188,8 +187,6 @@ def prepare_raw(model: EndToEndModel, examples):
 
 def resolved_batch(model: EndToEndModel, prep, idx) -> list:
     """Resolved samples of ``idx`` with their audio projected now (with autograd if enabled)."""
-    from respiramfm.fusion.data import resolved_items
-
     rows = sorted({prep.rows[i] for i in idx if prep.rows[i] is not None})
     view = _RowView(rows, model.project_audio(prep.audio[rows])) if rows else None
     return resolved_items(model, replace(prep, audio=view), list(idx))
@@ -197,8 +194,6 @@ def resolved_batch(model: EndToEndModel, prep, idx) -> list:
 
 def predict_prepared(model: EndToEndModel, prep, batch_size: int = 32) -> np.ndarray:
     """P(condition present) for every example of ``prep`` (eval mode, no grad)."""
-    from respiramfm.fusion.infer import predict_proba
-
     was = model.training
     model.eval()
     try:
@@ -209,9 +204,7 @@ def predict_prepared(model: EndToEndModel, prep, batch_size: int = 32) -> np.nda
         model.train(was)
 
 
-def _evaluate(model, prep, batch_size: int) -> dict:
-    from respiramfm.fusion.infer import validation_metrics as evaluate
-
+def _evaluate(model, prep, batch_size: int, acc) -> dict:
     was = model.training
     model.eval()
     try:
@@ -219,62 +212,63 @@ def _evaluate(model, prep, batch_size: int) -> dict:
             projected = model.project_audio(prep.audio) if prep.audio is not None else None
     finally:
         model.train(was)
-    acc = SimpleNamespace(process_index=0, num_processes=1)
-    return evaluate(model, replace(prep, audio=projected), acc, batch_size)
+    return validation_metrics(model, replace(prep, audio=projected), acc, batch_size)
 
 
-def train_end_to_end(model: EndToEndModel, data, cfg: EndToEndConfig) -> dict:
+def end_to_end_budget(cfg: EndToEndConfig) -> Budget:
+    """The engine's budget: Adam(W) at a constant rate, one validation per epoch, selection with patience."""
+    optim = OptimConfig(optimizer=cfg.optimizer, lr=cfg.lr, betas=[0.9, 0.999], eps=1e-8,
+                        weight_decay=cfg.weight_decay, schedule="constant")
+    key, mode = SELECT_KEYS[cfg.select_metric]
+    return Budget(optim=optim, epochs=cfg.epochs, batch_size=cfg.batch_size, eval_every=0, select_metric=key,
+                  select_mode=mode, patience=cfg.patience)
+
+
+class EndToEndTask(TrainTask):
+    """LoRA + head + projector for the engine: each batch's audio is projected with autograd."""
+
+    evaluates = True
+
+    def __init__(self, model: EndToEndModel, train, val, cfg: EndToEndConfig, acc):
+        self.model, self.train, self.val, self.cfg, self.acc = model, train, val, cfg, acc
+        self.plans = [plan_epoch(train.tasks, train.lengths, cfg.batch_size, cfg.mixing, cfg.seed, e)
+                      for e in range(cfg.epochs)]
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        return len(self.plans[epoch])
+
+    def batches(self, epoch: int, start: int):
+        return self.plans[epoch][start:]
+
+    def compute_loss(self, batch):
+        with self.acc.autocast():  # bf16 for the training forward only; validation stays fp32
+            logits = shared_prefix_logits(self.model, resolved_batch(self.model, self.train, batch.tolist()))
+        return torch.nn.functional.cross_entropy(logits.float(), self.train.labels[batch].to(logits.device)), {}
+
+    def evaluate(self) -> dict:
+        return _evaluate(self.model, self.val, self.cfg.eval_batch_size, self.acc)
+
+
+def train_end_to_end(model: EndToEndModel, data, cfg: EndToEndConfig, callbacks=()) -> dict:
     """Train LoRA + head + projector on ``data.train``; keep the best state on ``data.val``.
 
     ``data`` is a :class:`respiramfm.fusion.data.FinetuneData` (it holds no test record).
     Returns ``{"best": eval row, "evals": [...], "steps": n}``; ``model`` ends in the best state.
+    The loop is the shared engine's (:mod:`respiramfm.training`), in memory (no checkpoints).
     """
-    from respiramfm.fusion.data import plan_epoch
-    from respiramfm.fusion.infer import shared_prefix_logits
-
     cfg.validate()
     train, val = prepare_raw(model, data.train), prepare_raw(model, data.val)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    opt = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    better = (lambda a, b: a > b) if cfg.select_metric == "auroc" else (lambda a, b: a < b)
-    key = "val_mean_auroc" if cfg.select_metric == "auroc" else "val_loss"
-    evals, best_value, best_state, since, steps = [], None, None, 0, 0
-    loss_fn = nn.CrossEntropyLoss()
+    acc = make_accelerator("cpu" if model.device.type == "cpu" else "auto", cfg.precision or "no")
+    run = RunSettings(name="end-to-end", progress=False, dropout_seed=cfg.seed)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        for epoch in range(cfg.epochs + 1):
-            if epoch:  # epoch 0 = the untrained model, a candidate like in RespiraMFM's trainer
-                model.train()
-                for batch in plan_epoch(train.tasks, train.lengths, cfg.batch_size, cfg.mixing, cfg.seed, epoch - 1):
-                    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                        logits = shared_prefix_logits(model, resolved_batch(model, train, batch.tolist()))
-                    loss = loss_fn(logits.float(), train.labels[batch].to(logits.device))
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    steps += 1
-            row = {"epoch": epoch, "step": steps, **_evaluate(model, val, cfg.eval_batch_size)}
-            value = row[key]
-            if value is None or (isinstance(value, float) and math.isnan(value)):
-                raise DataError("no validation task holds both classes; use select_metric=loss")
-            row["improved"] = best_value is None or better(value, best_value)
-            evals.append(row)
-            if row["improved"]:
-                best_value, since = value, 0
-                best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-            else:
-                since += 1
-                if cfg.patience and since >= cfg.patience:
-                    break
-    with torch.no_grad():
-        named = dict(model.named_parameters())
-        for n, t in best_state.items():
-            named[n].copy_(t)
+        trainer = Trainer(EndToEndTask(model, train, val, cfg, acc), end_to_end_budget(cfg), run, accelerator=acc,
+                          callbacks=callbacks)
+        st = trainer.fit()
     model.eval()
-    best = [r for r in evals if r["improved"]][-1]
-    return {"best": best, "evals": evals, "steps": steps, "selected_on": "validation"}
+    evals = trainer.evaluations()
+    best = next(r for r in reversed(evals) if r["step"] == st["best_step"])
+    return {"best": best, "evals": evals, "steps": st["step"], "selected_on": "validation"}
 
 
-__all__ = ["EndToEndConfig", "EndToEndModel", "HEADS", "build_no_alignment", "build_respllm", "predict_prepared",
+__all__ = ["EndToEndConfig", "EndToEndModel", "EndToEndTask", "end_to_end_budget", "HEADS", "build_no_alignment", "build_respllm", "predict_prepared",
            "prepare_raw", "resolved_batch", "train_end_to_end"]

@@ -8,15 +8,15 @@ validation split and scores on the full test split. Each subset is written as it
 manifest (audio paths re-anchored) and the chosen protocol system is retrained on it
 through the protocol's own ``fit_predict`` interface.
 
-Outputs in ``out_dir``: ``data_efficiency.json`` (the protocol report's plot format plus
-per-task values and failures), ``data_efficiency.md`` (table), and per (fraction, seed)
-``runs/f{frac}/seed{N}/predictions.json`` — an existing one is reused (resume).
+Outputs in ``out_dir`` (named by :class:`respiramfm.evaluate.layout.EfficiencyLayout`):
+``data_efficiency.json`` (the protocol report's plot format plus per-task values and failures),
+``data_efficiency.md`` (table), and per (fraction, seed) the unit's manifest, work folder and
+predictions (the protocol's prediction format) — an existing prediction file is reused (resume).
 A unit that fails (e.g. a 1% subset holding a single class) is reported, not fatal.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +24,13 @@ from typing import Sequence
 
 import numpy as np
 
+from respiramfm.data.records import read_manifest, relative_audio_path, resolve_audio_path, write_manifest
 from respiramfm.errors import RespiraMFMError
+from respiramfm.evaluate.layout import EfficiencyLayout
+from respiramfm.evaluate.metrics import auroc
+from respiramfm.evaluate.predictions import by_task, read_predictions, write_predictions
+from respiramfm.evaluate.registry import get_system
+from respiramfm.utils.io import atomic_write_json, atomic_write_text
 
 FRACTIONS = (0.01, 0.05, 0.10, 0.25, 0.50, 1.0)
 
@@ -52,8 +58,6 @@ def nested_subsets(records: Sequence, fractions: Sequence[float], seed: int) -> 
 
 def subset_data(data, keep: set[tuple[str, str]], manifest: Path):
     """A copy of the protocol's EvalData whose train split holds only ``keep``'s patients (written to ``manifest``)."""
-    from respiramfm.data.records import read_manifest, relative_audio_path, resolve_audio_path, write_manifest
-
     origin = {}
     for m in data.manifests:
         for r in read_manifest(m):
@@ -71,8 +75,6 @@ def subset_data(data, keep: set[tuple[str, str]], manifest: Path):
 
 def task_aurocs(data, preds: dict[str, dict[str, float]], tasks: Sequence[str]) -> dict[str, float]:
     """Test AUROC per task from {task: {record_id: prob}} (NaN when a class is missing or nothing scored)."""
-    from respiramfm.evaluate.metrics import auroc
-
     test = data.split("test")
     out = {}
     for name in tasks:
@@ -85,34 +87,27 @@ def task_aurocs(data, preds: dict[str, dict[str, float]], tasks: Sequence[str]) 
 def data_efficiency(data, system: str, out_dir, seeds: Sequence[int] = (0,), fractions: Sequence[float] = FRACTIONS,
                     options: dict | None = None, fit_predict=None, log=print) -> dict:
     """Retrain ``system`` (a registered protocol system, or ``fit_predict``) per fraction and seed."""
-    from respiramfm.utils.io import atomic_write_json, atomic_write_text
-
-    if fit_predict is None:
-        from respiramfm.evaluate.protocol import get_system
-
-        fit_predict = get_system(system)
-    out = Path(out_dir)
+    fit_predict = fit_predict or get_system(system)
+    layout = EfficiencyLayout(Path(out_dir))
     tasks = list(data.supervised)
     results: dict[float, dict[int, dict]] = {}
     failures = []
     for seed in seeds:
         subsets = nested_subsets(data.records, fractions, seed)
         for f in fractions:
-            unit = out / "runs" / f"f{f:g}" / f"seed{seed}"
-            pred_path = unit / "predictions.json"
-            if pred_path.is_file():
-                preds = json.loads(pred_path.read_text(encoding="utf-8"))
-            else:
-                sub = subset_data(data, subsets[float(f)], unit / "manifest.csv")
+            pred_path = layout.predictions(f, seed)
+            if not pred_path.is_file():
+                sub = subset_data(data, subsets[float(f)], layout.manifest(f, seed))
                 log(f"[data-efficiency] {system} fraction {f:g} seed {seed}: "
                     f"{len(subsets[float(f)])} training patients")
                 try:
-                    preds = fit_predict(sub, int(seed), unit / "work", dict(options or {}))
+                    found = fit_predict(sub, int(seed), layout.work(f, seed), dict(options or {}))
                 except RespiraMFMError as exc:
                     failures.append({"fraction": f, "seed": seed, "error": str(exc)})
                     log(f"[data-efficiency] fraction {f:g} seed {seed} failed: {exc}")
                     continue
-                atomic_write_json(pred_path, preds)
+                write_predictions(pred_path, data, found, system)
+            preds = by_task(read_predictions(pred_path))
             per_task = task_aurocs(data, preds, tasks)
             vals = [v for v in per_task.values() if np.isfinite(v)]
             results.setdefault(float(f), {})[int(seed)] = {
@@ -131,9 +126,9 @@ def data_efficiency(data, system: str, out_dir, seeds: Sequence[int] = (0,), fra
                "systems": {system: {"mean": means, "std": stds}}, "metric": "mean supervised AUROC",
                "unit": "fraction of training patients (nested, per dataset)", "seeds": list(seeds),
                "table": table, "failures": failures}
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "data_efficiency.json", payload)
-    atomic_write_text(out / "data_efficiency.md", _markdown(system, tasks, table, payload["simulated"]))
+    layout.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(layout.summary, payload)
+    atomic_write_text(layout.table, _markdown(system, tasks, table, payload["simulated"]))
     return payload
 
 

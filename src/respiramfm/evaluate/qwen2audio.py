@@ -1,4 +1,4 @@
-"""Generative Qwen2-Audio baseline (REFERENCE §5): prompt with the classes, generate, parse, score.
+"""Generative Qwen2-Audio baseline (docs/paper.md §5): prompt with the classes, generate, parse, score.
 
 Qwen2-Audio is a *generative* audio-language model; it has no classification head, so:
 
@@ -11,7 +11,7 @@ Qwen2-Audio is a *generative* audio-language model; it has no classification hea
   answer to 1/0, and an answer it cannot map is *unparseable* and counted as wrong;
 * AUROC needs a score: ``P = softmax(logit["1"], logit["0"])[0]`` from the raw logits of
   the first generated position (``output_logits=True``, i.e. before any logits
-  processor). How the RespiraMFM paper scored it is unverified (REFERENCE §5).
+  processor). How the RespiraMFM paper scored it is unverified (docs/paper.md §5).
 
 Weights are not bundled: the user passes a local directory or hub id (``options["model"]``);
 nothing is downloaded unless the caller's environment allows it. There is no training,
@@ -27,8 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from respiramfm.audio import FrontendConfig
+from respiramfm.data.records import read_manifest, resolve_audio_path
+from respiramfm.data.templates import class_names
 from respiramfm.errors import ConfigError, RespiraMFMError
+from respiramfm.models.processing import InputProcessor, record_context
+from respiramfm.utils.io import atomic_write_json, atomic_write_text, csv_cell, csv_row
 
 SAMPLE_RATE = 16000
 MAX_SECONDS = 30.0
@@ -39,8 +45,6 @@ _NEG_WORDS = ("no", "negative", "absent", "healthy", "not present")
 
 def question(task, context: str = "") -> str:
     """The text part of the user turn: context (if any), the two classes, and the 0/1 instruction."""
-    from respiramfm.data.templates import class_names
-
     neg, pos = class_names(task)
     phrase = getattr(task, "disease_phrase", "") or getattr(task, "disease", "") or pos
     parts = []
@@ -91,8 +95,7 @@ class Qwen2AudioScorer:
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: str = "float32", device: str = "cpu", revision=None,
                         max_new_tokens: int = 8) -> "Qwen2AudioScorer":
-        import torch
-        from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+        from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration  # lazy: a 7B model's classes
 
         if not name_or_path:
             raise ConfigError("Qwen2-Audio needs weights: set options.model to a local directory or hub id "
@@ -116,8 +119,6 @@ class Qwen2AudioScorer:
 
     def answer(self, waveform: np.ndarray, text: str) -> Answer:
         """Generate for one 16 kHz mono waveform and one question."""
-        import torch
-
         wave = np.asarray(waveform, dtype=np.float32)[: int(MAX_SECONDS * SAMPLE_RATE)]
         inputs = self.processor(text=[self.prompt(text)], audio=[wave], sampling_rate=SAMPLE_RATE,
                                 return_tensors="pt", padding=True)
@@ -140,15 +141,11 @@ def fit_predict(data, seed: int, work_dir: Path, options: dict) -> dict:
     Options: ``model`` (required: local dir or hub id), ``dtype``, ``device``, ``max_new_tokens``,
     ``revision``. ``seed`` is unused (greedy decoding is deterministic).
     """
-    from respiramfm.audio.decode import load
-    from respiramfm.data.records import resolve_audio_path
-    from respiramfm.data.templates import render_context
-    from respiramfm.utils.io import atomic_write_json, atomic_write_text
-
     scorer = options.get("scorer") or Qwen2AudioScorer.from_pretrained(
         str(options.get("model", "")), str(options.get("dtype", "float32")), str(options.get("device", "cpu")),
         options.get("revision"), int(options.get("max_new_tokens", 8)))
-    manifest_dir = {r.record_id: Path(m).parent for m in data.manifests for r in _read(m)}
+    manifest_dir = {r.record_id: Path(m).parent for m in data.manifests for r in read_manifest(m)}
+    processor = InputProcessor(FrontendConfig(sr=SAMPLE_RATE))
     out: dict[str, dict[str, float]] = {}
     rows, errors, stats = [], [], {}
     for name, task in data.tasks.items():
@@ -158,13 +155,12 @@ def fit_predict(data, seed: int, work_dir: Path, options: dict) -> dict:
             if path is None:  # no recording: this system cannot score the record (reported as missing)
                 continue
             try:
-                wave = load(path, sr=SAMPLE_RATE)
+                wave = processor.waveform(path).wave
             except RespiraMFMError as exc:
-                errors.append(f"{rec.record_id}\t{exc}")
+                errors.append(f"{csv_cell(rec.record_id)}\t{exc}")
                 st["errors"] += 1
                 continue
-            context = rec.context.strip() if rec.context and rec.context.strip() else render_context(rec)
-            ans = scorer.answer(wave, question(task, context))
+            ans = scorer.answer(wave, question(task, record_context(rec)))
             out.setdefault(name, {})[rec.record_id] = ans.prob
             st["n"] += 1
             st["unparseable"] += ans.label is None
@@ -173,7 +169,7 @@ def fit_predict(data, seed: int, work_dir: Path, options: dict) -> dict:
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
-    csv.writer(buf).writerows([["task", "record_id", "label", "answer", "parsed", "prob"], *rows])
+    csv.writer(buf).writerows([["task", "record_id", "label", "answer", "parsed", "prob"], *map(csv_row, rows)])
     atomic_write_text(work_dir / "answers.csv", buf.getvalue())
     atomic_write_text(work_dir / "errors.tsv", "".join(e + "\n" for e in errors))
     for st in stats.values():
@@ -181,12 +177,6 @@ def fit_predict(data, seed: int, work_dir: Path, options: dict) -> dict:
     atomic_write_json(work_dir / "summary.json", {"scoring": "softmax over next-token logits of '1' vs '0'",
                                                   "tasks": stats})
     return out
-
-
-def _read(manifest):
-    from respiramfm.data.records import read_manifest
-
-    return read_manifest(manifest)
 
 
 __all__ = ["AUDIO_TURN", "Answer", "Qwen2AudioScorer", "fit_predict", "parse_answer", "question"]

@@ -3,8 +3,9 @@
 Everything is inline: figures are base64 PNGs (also written to ``OUT/figures/``), styles
 are in the page, nothing is fetched. Sections: results table with CIs, ROC curves per
 task, embeddings before/after alignment (the t-SNE figure `respiramfm align` wrote),
-attention over context tokens for a few test patients, the data-efficiency curve (when
-``OUT/data_efficiency.json`` exists), configuration and provenance. Simulated results are
+attention over context tokens for a few test patients, the data-efficiency curves (every
+``OUT/efficiency/SYSTEM/``), configuration and provenance. Every path comes from
+:class:`respiramfm.evaluate.layout.RunLayout`. Simulated results are
 labelled SIMULATED in the page title, every table and every figure.
 """
 
@@ -17,10 +18,18 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from respiramfm.config import load_config
 from respiramfm.errors import DataError
 from respiramfm.evaluate import report_figures as figs
+from respiramfm.evaluate.config import EvaluateConfig
+from respiramfm.evaluate.data import load_eval_data
+from respiramfm.evaluate.layout import RunLayout
+from respiramfm.evaluate.predictions import read_predictions
 from respiramfm.evaluate.results import SIM_NOTE, markdown_table
+from respiramfm.evaluate.systems import input_processor
+from respiramfm.models.fusion import RespiraMFM
 from respiramfm.utils.io import atomic_write_text
 
 STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
@@ -58,15 +67,10 @@ def _md_table_to_html(md: str) -> str:
     return "\n".join(out)
 
 
-def _roc_figures(out: Path, summary: dict) -> list[Path]:
-    from respiramfm.evaluate.protocol import read_predictions
-
-    first = {s: min(summary["seeds"]) for s in summary["systems"]}
-    preds = {}
-    for system, seed in first.items():
-        p = out / "predictions" / system / f"seed{seed}.csv"
-        if p.is_file():
-            preds[system] = read_predictions(p)
+def _roc_figures(layout: RunLayout, summary: dict) -> list[Path]:
+    seed = min(summary["seeds"])
+    preds = {system: read_predictions(layout.predictions(system, seed)) for system in summary["systems"]
+             if layout.predictions(system, seed).is_file()}
     paths = []
     sim = {r["task"]: r["simulated"] for r in summary["rows"]}
     for task in summary["tasks"]:
@@ -76,30 +80,20 @@ def _roc_figures(out: Path, summary: dict) -> list[Path]:
             if rs:
                 curves[system] = (np.array([r["label"] for r in rs]), np.array([r["prob"] for r in rs]))
         if curves:
-            paths.append(figs.roc_figure(task, curves, out / "figures" / f"roc_{task}.png", sim.get(task, False),
-                                         subtitle=f"(seed {min(summary['seeds'])})"))
+            paths.append(figs.roc_figure(task, curves, layout.figure(f"roc_{task}"), sim.get(task, False),
+                                         subtitle=f"(seed {seed})"))
     return paths
 
 
 def attention_examples(model_dir: Path, out: Path, n: int = 3) -> list[dict]:
     """Attribution for ``n`` test records of the first supervised task with a context."""
-    import torch
-
-    from respiramfm.config import load_config
-    from respiramfm.evaluate.protocol import EvaluateConfig, load_eval_data, read_predictions, record_context
-    from respiramfm.fusion.model import RespiraMFM
-    from respiramfm.fusion.sequence import FusionItem
-
-    cfg = load_config(EvaluateConfig, out / "config.yaml", [])
+    layout = RunLayout(out)
+    cfg = load_config(EvaluateConfig, layout.config, [])
     data = load_eval_data(cfg)
-    preds_path = out / "predictions" / "respiramfm" / f"seed{min(cfg.seeds)}.csv"
+    preds_path = layout.predictions("respiramfm", min(cfg.seeds))
     probs = {(r["task"], r["record_id"]): r["prob"] for r in read_predictions(preds_path)} if preds_path.is_file() else {}
     model = RespiraMFM.from_pretrained(model_dir)
-    stores = []
-    if model.cfg.mode != "text_only":
-        from respiramfm.encoders.store import EmbeddingStore
-
-        stores = [EmbeddingStore(d) for d in data.audio_store]
+    processor = input_processor(model, data.audio_store)
     picked: list[dict] = []
     for task_name in data.supervised:
         task = data.tasks[task_name]
@@ -107,11 +101,9 @@ def attention_examples(model_dir: Path, out: Path, n: int = 3) -> list[dict]:
         pos = [p for p in pairs if p[1] == 1][: (n + 1) // 2]
         neg = [p for p in pairs if p[1] == 0][: n - len(pos)]
         for rec, y in pos + neg:
-            audio = None
-            if stores:
-                store = next((s for s in stores if rec.record_id in s), None)
-                audio = None if store is None else np.asarray(store.get(rec.record_id), np.float32)
-            item = FusionItem(task=task, audio=audio, context=record_context(rec), audio_type=rec.audio_type)
+            item, _why = processor.record_item(task, rec, use_audio=model.cfg.mode != "text_only")
+            if item is None:
+                continue
             with torch.no_grad():
                 att = model.attention_attribution(item)
             if att["tokens"]:
@@ -122,10 +114,9 @@ def attention_examples(model_dir: Path, out: Path, n: int = 3) -> list[dict]:
     return picked
 
 
-def _efficiency_curves(out: Path) -> dict | None:
-    """Every data-efficiency curve of the run (``OUT/efficiency/SYSTEM/`` or a bare ``OUT/``), merged for one plot."""
-    paths = sorted((out / "efficiency").glob("*/data_efficiency.json")) + \
-        [p for p in [out / "data_efficiency.json"] if p.is_file()]
+def _efficiency_curves(layout: RunLayout) -> dict | None:
+    """Every data-efficiency curve of the run (``OUT/efficiency/SYSTEM/``), merged for one plot."""
+    paths = layout.efficiency_summaries()
     if not paths:
         return None
     merged: dict = {"systems": {}, "seeds": []}
@@ -140,13 +131,24 @@ def _efficiency_curves(out: Path) -> dict | None:
     return merged
 
 
+def _model_dir(layout: RunLayout, summary: dict, prov: dict) -> Path | None:
+    """The first seed's RespiraMFM model of the run, when it was kept."""
+    seeds = summary["seeds"]
+    if not seeds:
+        return None
+    custom = ((prov.get("config", {}).get("systems_options") or {}).get("respiramfm") or {}).get("finetune_dir")
+    cand = layout.finetune_run("respiramfm", min(seeds), custom or "") / "model"
+    return cand if cand.is_dir() else None
+
+
 def build_report(out_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None,
                  alignment_figure: str | os.PathLike | None = None) -> Path:
     """Write ``OUT/report.html`` (and ``OUT/figures/*.png``); returns the HTML path."""
-    out = Path(out_dir)
-    if not (out / "results.json").is_file():
+    layout = RunLayout(out_dir)
+    out = layout.root
+    if not layout.results_json.is_file():
         raise DataError("no results.json: run `respiramfm evaluate` first", path=str(out))
-    summary = json.loads((out / "results.json").read_text())
+    summary = json.loads(layout.results_json.read_text())
     for r in summary["rows"]:
         for k in ("mean", "std", "ci_low", "ci_high"):
             r[k] = float("nan") if r[k] is None else r[k]
@@ -154,7 +156,7 @@ def build_report(out_dir: str | os.PathLike, model_dir: str | os.PathLike | None
         for a in groups.values():
             a["mean"] = float("nan") if a["mean"] is None else a["mean"]
             a["std"] = float("nan") if a["std"] is None else a["std"]
-    prov = json.loads((out / "provenance.json").read_text()) if (out / "provenance.json").is_file() else {}
+    prov = json.loads(layout.provenance.read_text()) if layout.provenance.is_file() else {}
     sim = bool(summary["simulated"])
     parts = [f"<h1>RespiraMFM evaluation{' — SIMULATED' if sim else ''}</h1>"]
     if sim:
@@ -162,13 +164,13 @@ def build_report(out_dir: str | os.PathLike, model_dir: str | os.PathLike | None
     parts += ["<h2>Results</h2>", _md_table_to_html(markdown_table(summary))]
 
     parts.append("<h2>ROC curves</h2>")
-    parts += [_img(p, p.stem) for p in _roc_figures(out, summary)]
+    parts += [_img(p, p.stem) for p in _roc_figures(layout, summary)]
 
     align_fig = Path(alignment_figure) if alignment_figure else None
     if align_fig is None and prov.get("config", {}).get("projector"):
         align_fig = Path(prov["config"]["projector"]) / "tsne.png"
     if align_fig is not None and align_fig.is_file():
-        dest = out / "figures" / "alignment_tsne.png"
+        dest = layout.figure("alignment_tsne")
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(align_fig.read_bytes())
         parts += ["<h2>Embeddings before / after alignment (t-SNE, stage 1)</h2>",
@@ -176,25 +178,18 @@ def build_report(out_dir: str | os.PathLike, model_dir: str | os.PathLike | None
                   "coloured by label (from `respiramfm align`).</p>", _img(dest, "alignment t-SNE")]
 
     if model_dir is None:
-        seeds = summary["seeds"]
-        custom = ((prov.get("config", {}).get("systems_options") or {}).get("respiramfm") or {}).get("finetune_dir")
-        cand = None
-        if seeds:
-            run = Path(str(custom).format(seed=min(seeds))) if custom else \
-                out / "work" / "respiramfm" / f"seed{min(seeds)}" / "finetune"
-            cand = run / "model"
-        model_dir = cand if cand is not None and cand.is_dir() else None
+        model_dir = _model_dir(layout, summary, prov)
     if model_dir is not None:
         examples = attention_examples(Path(model_dir), out)
         if examples:
-            p = figs.attention_figure(examples, out / "figures" / "attention.png", sim)
+            p = figs.attention_figure(examples, layout.figure("attention"), sim)
             parts += ["<h2>Attention over context tokens</h2>",
                       f"<p>{'SIMULATED data. ' if sim else ''}Model {html.escape(str(model_dir))}; test records "
                       + ", ".join(html.escape(e["record_id"]) for e in examples) + ".</p>", _img(p, "attention")]
 
-    eff = _efficiency_curves(out)
+    eff = _efficiency_curves(layout)
     if eff is not None:
-        p = figs.efficiency_figure(eff, out / "figures" / "data_efficiency.png")
+        p = figs.efficiency_figure(eff, layout.figure("data_efficiency"))
         parts += ["<h2>Data efficiency</h2>",
                   f"<p>{'SIMULATED data. ' if sim else ''}{html.escape(', '.join(eff['systems']))} retrained "
                   "on nested fractions of the training patients; mean supervised test AUROC "
@@ -205,8 +200,8 @@ def build_report(out_dir: str | os.PathLike, model_dir: str | os.PathLike | None
     title = "RespiraMFM evaluation" + (" (SIMULATED)" if sim else "")
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title><style>{STYLE}</style>"
             f"</head><body>{''.join(parts)}</body></html>")
-    atomic_write_text(out / "report.html", page)
-    return out / "report.html"
+    atomic_write_text(layout.report, page)
+    return layout.report
 
 
 __all__ = ["attention_examples", "build_report"]

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from respiramfm.utils.io import atomic_path
+
 SIM_TAG = "SIMULATED — "
 
 
@@ -24,8 +26,6 @@ def _plt():
 
 
 def _save(fig, path: Path) -> Path:
-    from respiramfm.utils.io import atomic_path
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=90, bbox_inches="tight", format="png")

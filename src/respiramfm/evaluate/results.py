@@ -16,20 +16,22 @@ from pathlib import Path
 
 import numpy as np
 
+from respiramfm.evaluate.layout import RunLayout
 from respiramfm.evaluate.metrics import auroc, bootstrap_auroc, format_mean_std, mean_std
-from respiramfm.utils.io import atomic_write_json, atomic_write_text
+from respiramfm.evaluate.predictions import read_predictions
+from respiramfm.utils.io import atomic_write_json, atomic_write_text, csv_row
 
 SIM_NOTE = "SIMULATED data: synthetic cohort, no evidence about real patients"
 
 
-def summarise(out: Path, data, systems: list[str], seeds: list[int], n_boot: int = 1000) -> dict:
-    from respiramfm.evaluate.protocol import read_predictions
-
+def summarise(out: RunLayout | Path, data, systems: list[str], seeds: list[int], n_boot: int = 1000) -> dict:
+    """The per-(task, system) rows and group averages of the run's prediction files."""
+    layout = out if isinstance(out, RunLayout) else RunLayout(out)
     rows = []
     per_seed_avg: dict[str, dict[str, dict[int, list[float]]]] = {}
     for system in systems:
-        preds = {s: read_predictions(out / "predictions" / system / f"seed{s}.csv") for s in seeds
-                 if (out / "predictions" / system / f"seed{s}.csv").is_file()}
+        preds = {s: read_predictions(layout.predictions(system, s)) for s in seeds
+                 if layout.predictions(system, s).is_file()}
         for name, task in data.tasks.items():
             group = "supervised" if task.role == "supervised" else "zero-shot"
             n_test = len(task.select(data.split("test")))
@@ -108,23 +110,25 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_tables(out: Path, summary: dict) -> None:
+def write_tables(out: RunLayout | Path, summary: dict) -> None:
+    """``results.csv``, ``results.json`` and ``results.md`` of the run."""
+    layout = out if isinstance(out, RunLayout) else RunLayout(out)
     fields = ["task", "group", "system", "dataset", "simulated", "mean", "std", "ci_low", "ci_high", "n", "n_pos",
               "n_patients", "n_test", "missing", "seeds", "auroc_per_seed", "reason"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
     w.writeheader()
     for r in summary["rows"]:
-        w.writerow({**r, "seeds": " ".join(map(str, r["seeds"])),
-                    "auroc_per_seed": " ".join(f"{s}:{v:.6f}" for s, v in r["auroc_per_seed"].items())})
+        w.writerow(csv_row({**r, "seeds": " ".join(map(str, r["seeds"])),
+                            "auroc_per_seed": " ".join(f"{s}:{v:.6f}" for s, v in r["auroc_per_seed"].items())}))
     for system, groups in summary["averages"].items():
         for group, a in groups.items():
-            w.writerow({"task": f"avg-{group}", "group": group, "system": system, "mean": a["mean"], "std": a["std"],
-                        "reason": f"mean over {a['n_tasks']} task(s)"})
-    atomic_write_text(out / "results.csv", buf.getvalue())
-    atomic_write_json(out / "results.json", _jsonable(summary))
+            w.writerow(csv_row({"task": f"avg-{group}", "group": group, "system": system, "mean": a["mean"],
+                                "std": a["std"], "reason": f"mean over {a['n_tasks']} task(s)"}))
+    atomic_write_text(layout.results_csv, buf.getvalue())
+    atomic_write_json(layout.results_json, _jsonable(summary))
     title = "# RespiraMFM evaluation" + (" (SIMULATED)" if summary["simulated"] else "") + "\n\n"
-    atomic_write_text(out / "results.md", title + markdown_table(summary))
+    atomic_write_text(layout.results_md, title + markdown_table(summary))
 
 
 def _jsonable(x):

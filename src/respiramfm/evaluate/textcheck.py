@@ -25,6 +25,7 @@ import numpy as np
 
 from respiramfm.errors import DataError
 from respiramfm.evaluate.metrics import bootstrap_auroc
+from respiramfm.models.processing import record_context
 from respiramfm.utils.io import atomic_write_json
 
 DATASETS = {"coswara": ("coswara", "T5"), "coughvid": ("coughvid", "T2")}
@@ -103,8 +104,6 @@ def _embed_texts(texts: list[str], backbone) -> np.ndarray:
 def check_dataset(data_root, dataset: str, backbone, max_records: int | None = None, seed: int = 0,
                   test_fraction: float = 0.3, n_boot: int = 1000) -> dict:
     from sklearn.model_selection import GroupShuffleSplit
-
-    from respiramfm.evaluate.protocol import record_context
 
     records, y = load_labelled(data_root, dataset, max_records, seed)
     groups = np.array([f"{r.dataset}/{r.patient_id}" for r in records])

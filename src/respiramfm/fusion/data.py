@@ -6,7 +6,7 @@ the split column, that no patient straddles splits) and returns a
 :class:`FinetuneData` holding exactly two example sets: ``train`` (what the
 optimiser sees) and ``val`` (what selects the checkpoint). There is no third.
 Without ``val`` rows, whole training patients are carved off for validation by
-:func:`respiramfm.align.data.split_records` (patient-level, fixed seed).
+:func:`respiramfm.data.splits.split_records` (patient-level, fixed seed).
 
 **Everything constant is computed once** (:func:`prepare_examples`): the projector is
 frozen, so every audio embedding is projected once into the LLM's space; the prompt
@@ -37,7 +37,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from respiramfm.data.records import read_manifest
+from respiramfm.data.splits import check_no_leakage, is_simulated, split_records
+from respiramfm.data.task_defs import TASKS
+from respiramfm.data.tasks import get_task, load_tasks_yaml
 from respiramfm.errors import ConfigError, DataError
+from respiramfm.models.processing import InputProcessor, record_context
+from respiramfm.models.sequence import ResolvedItem
 
 MIXINGS = ("concat", "proportional", "balanced")
 LENGTH_WINDOW = 32  # step batches per length-sorting window
@@ -89,55 +95,54 @@ class FinetuneData:
         return h.hexdigest()
 
 
-def _open_stores(dirs: Sequence[str]):
-    from respiramfm.encoders.store import EmbeddingStore
-
-    stores = [EmbeddingStore(d) for d in dirs]
-    dims = {tuple(s.array.shape[1:]) for s in stores}
+def _processor(dirs: Sequence[str]) -> InputProcessor:
+    """The input processor over the audio stores (their vectors must all have one shape)."""
+    processor = InputProcessor(stores=dirs)
+    dims = {tuple(s.array.shape[1:]) for s in processor.stores}
     if len(dims) > 1:
         raise DataError(f"audio stores hold vectors of different shapes {sorted(dims)}", path=str(dirs[0]))
-    return stores
+    return processor
 
 
-def _examples(records: list, tasks: list, split: str, stores: list, need_audio: bool,
+def _examples(records: list, tasks: list, split: str, processor: InputProcessor | None,
               skipped: list[dict]) -> ExampleSet:
-    from respiramfm.data.templates import render_context
-
+    """Examples of ``tasks``; with a processor every example needs a stored embedding (else it is skipped)."""
     rows: dict[str, int] = {}
     vectors: list[np.ndarray] = []
     out: list[Example] = []
     for task in tasks:
         for rec, label in task.select(records):
             row = rows.get(rec.record_id)
-            if row is None and need_audio:
-                store = next((s for s in stores if rec.record_id in s), None)
-                reason = ("record has no audio" if not rec.has_audio else
-                          "no audio embedding in store" if store is None else "")
-                vec = store.get(rec.record_id) if store is not None else None
-                if vec is not None and not np.isfinite(vec).all():
-                    reason = "non-finite audio embedding"
-                if reason:
+            if row is None and processor is not None:
+                item, reason = processor.record_item(task, rec)
+                if item is None:
                     skipped.append({"record_id": rec.record_id, "split": split, "task": task.name, "reason": reason})
                     continue
                 row = rows[rec.record_id] = len(vectors)
-                vectors.append(np.asarray(vec, dtype=np.float32))
-            context = rec.context.strip() if rec.context and rec.context.strip() else render_context(rec)
+                vectors.append(item.audio)
             out.append(Example(rec.record_id, f"{rec.dataset}/{rec.patient_id}", task.name, int(label),
-                               rec.audio_type or task.audio_type, context, row))
+                               rec.audio_type or task.audio_type, record_context(rec), row))
+    stores = processor.stores if processor is not None else []
     shape = tuple(stores[0].array.shape[1:]) if stores else (0,)
     audio = np.stack(vectors) if vectors else np.zeros((0, *shape), np.float32)
     return ExampleSet(split, out, audio)
 
 
+def build_examples(records: list, tasks: list, split: str, audio_stores: Sequence[str] | None,
+                   skipped: list[dict] | None = None) -> ExampleSet:
+    """Examples of ``tasks`` over ``records``; with ``audio_stores`` every example needs a stored embedding.
+
+    Records that cannot be used are appended to ``skipped`` with the reason.
+    """
+    processor = _processor(audio_stores) if audio_stores is not None else None
+    return _examples(records, tasks, split, processor, skipped if skipped is not None else [])
+
+
 def default_tasks(task_files: Sequence[str]) -> list[str]:
     """Supervised tasks: those of the given task files if any, else the built-in ones (T1-T4)."""
-    from respiramfm.data.tasks import load_tasks_yaml
-
     if task_files:
         loaded = [t for f in task_files for t in load_tasks_yaml(f, overwrite=True)]
         return [t.name for t in loaded if t.role == "supervised"]
-    from respiramfm.data.task_defs import TASKS
-
     # the paper's built-in tasks only, whatever else this process has registered
     return sorted(t.name for t in TASKS if t.role == "supervised")
 
@@ -146,11 +151,6 @@ def load_finetune_data(manifests: Sequence[str], audio_stores: Sequence[str], ta
                        task_files: Sequence[str] = (), val_fraction: float = 0.15,
                        need_audio: bool = True) -> FinetuneData:
     """Train/val examples of ``task_names`` (empty: :func:`default_tasks`); test rows are dropped on read."""
-    from respiramfm.align.data import is_simulated, split_records
-    from respiramfm.data.records import read_manifest
-    from respiramfm.data.splits import check_no_leakage
-    from respiramfm.data.tasks import get_task, load_tasks_yaml
-
     if not manifests:
         raise ConfigError("no manifest given (manifests=[...])")
     if need_audio and not audio_stores:
@@ -175,10 +175,10 @@ def load_finetune_data(manifests: Sequence[str], audio_stores: Sequence[str], ta
         raise DataError(f"the manifests hold no train/val records of the tasks' datasets {sorted(datasets)}",
                         path=manifests[0])
     train_recs, val_recs, source = split_records(records, val_fraction, sorted(present))
-    stores = _open_stores(audio_stores) if need_audio else []
+    processor = _processor(audio_stores) if need_audio else None
     skipped: list[dict] = []
-    train = _examples(train_recs, tasks, "train", stores, need_audio, skipped)
-    val = _examples(val_recs, tasks, "val", stores, need_audio, skipped)
+    train = _examples(train_recs, tasks, "train", processor, skipped)
+    val = _examples(val_recs, tasks, "val", processor, skipped)
     used = set(train.task_names())
     missing = [t.name for t in tasks if t.name not in used]
     if explicit and missing:
@@ -188,7 +188,7 @@ def load_finetune_data(manifests: Sequence[str], audio_stores: Sequence[str], ta
                         f"{len(skipped)} skipped", path=manifests[0])
     for t in missing:  # default selection: a supervised task without data (e.g. T3 TBscreen) is reported
         skipped.append({"record_id": "", "split": "train", "task": t, "reason": "task has no training data"})
-    meta = dict(stores[0].meta) if stores else {}
+    meta = dict(processor.stores[0].meta) if processor is not None and processor.stores else {}
     return FinetuneData(train, val, {t.name: t for t in tasks if t.name in used}, skipped, meta, source,
                         is_simulated(train_recs + val_recs))
 
@@ -256,8 +256,6 @@ def resolved_items(model, prep: Prepared, indices: Sequence[int]) -> list:
     Mirrors :meth:`RespiraMFM.resolve` for cached inputs: segments in ``cfg.order``,
     an empty context segment dropped, audio only where the example has it.
     """
-    from respiramfm.fusion.sequence import ResolvedItem
-
     order = model.cfg.order
     out = []
     for i in indices:

@@ -26,12 +26,17 @@ functions then fall back to the plain padded forward pass.
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import replace
 from typing import Sequence
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
+from sklearn.metrics import roc_auc_score
+from transformers import DynamicCache
 
-from respiramfm.fusion.sequence import collate, fill_audio
+from respiramfm.fusion.data import resolved_items
+from respiramfm.models.sequence import collate, fill_audio
 
 
 def prompt_first(model) -> bool:
@@ -59,8 +64,6 @@ def expand_kv(model, cache, batch_size: int):
     Built from ``expand`` views (copied once by the cache's own concatenation), so it keeps
     the autograd graph of a differentiable prefix and never mutates ``cache``.
     """
-    from transformers import DynamicCache
-
     new = DynamicCache(config=model.inner_decoder().config)
     for dst, src in zip(new.layers, cache.layers):
         k, v = src.keys, src.values
@@ -112,13 +115,15 @@ def _length(item) -> int:
 
 
 @torch.inference_mode()
-def predict_logits(model, resolved: Sequence, batch_size: int = 32, use_cache: bool = True) -> torch.Tensor:
+def predict_logits(model, resolved: Sequence, batch_size: int = 32, use_cache: bool = True,
+                   prefix_caches: dict | None = None) -> torch.Tensor:
     """Logits (N, 2) for many samples in eval mode (the model's mode is restored).
 
     With ``use_cache`` each distinct prompt's KV cache is computed once for the whole
     call and samples are batched within a prompt group by length (by length alone when the
     order does not start with the prompt); without it, samples are padded in full (batched
-    in the given order), as the reference path.
+    in the given order), as the reference path. ``prefix_caches`` (prompt ids -> KV cache)
+    keeps the prompt caches across calls, for callers whose weights never change (serving).
     """
     resolved = list(resolved)
     if not resolved:
@@ -138,7 +143,10 @@ def predict_logits(model, resolved: Sequence, batch_size: int = 32, use_cache: b
                 out[torch.tensor(chunk)] = plain_logits(model, [resolved[i] for i in chunk]).float().cpu()
             return out
         for prefix, idx in _groups(resolved).items():
-            cache = prefix_kv(model, prefix)
+            caches = {} if prefix_caches is None else prefix_caches
+            if prefix not in caches:
+                caches[prefix] = prefix_kv(model, prefix)
+            cache = caches[prefix]
             idx = sorted(idx, key=lambda i: -_length(resolved[i]))
             for s in range(0, len(idx), batch_size):
                 chunk = idx[s:s + batch_size]
@@ -155,24 +163,21 @@ def predict_proba(model, resolved: Sequence, batch_size: int = 32, use_cache: bo
     return torch.softmax(logits.double(), dim=-1)[:, 1].numpy()
 
 
-def validation_metrics(model, prep, acc, batch_size: int = 32) -> dict:
+def validation_metrics(model, prep, acc, batch_size: int = 32, trunk=None) -> dict:
     """Loss, per-task AUROC (tasks holding both classes), their mean and accuracy on prepared examples.
 
     Under several processes each scores every ``num_processes``-th example and all receive
-    the gathered result, so every process takes the same selection decision.
+    the gathered result, so every process takes the same selection decision. ``trunk`` (a
+    :class:`~respiramfm.fusion.trunk_cache.TrunkCache`) scores from cached frozen-layer states.
     """
-    from sklearn.metrics import roc_auc_score
-
-    from respiramfm.fusion.data import resolved_items
-
     world = acc.num_processes if acc is not None else 1
     rank = acc.process_index if acc is not None else 0
     idx = list(range(rank, len(prep), world))
-    logits = predict_logits(model, resolved_items(model, prep, idx), batch_size=batch_size)
+    items = resolved_items(model, prep, idx)
+    logits = trunk.predict_logits(items, batch_size) if trunk is not None else \
+        predict_logits(model, items, batch_size=batch_size)
     rows = [(i, *map(float, lg)) for i, lg in zip(idx, logits.double())]
     if world > 1:
-        from accelerate.utils import gather_object
-
         rows = gather_object(rows)
     rows = sorted(rows)
     logits = torch.tensor([r[1:] for r in rows], dtype=torch.float64)
@@ -189,8 +194,6 @@ def validation_metrics(model, prep, acc, batch_size: int = 32) -> dict:
 
 def items_to_resolved(model, items: Sequence) -> list:
     """``FusionItem`` objects -> resolved samples (encoder audio projected once per item)."""
-    from dataclasses import replace
-
     resolved = [model.resolve(it) for it in items]
     audio = [r.audio() for r in resolved if r.audio() is not None]
     if not audio:

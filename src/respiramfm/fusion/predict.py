@@ -5,9 +5,10 @@ audio encoder (and checkpoint) and the front-end settings the model was trained
 with, so a raw audio file goes decode -> OPERA front end -> that encoder ->
 the model's frozen projector -> LLM, exactly as in training.
 
-Context comes from either free-text symptoms (used as written) or a metadata
-JSON object, rendered with the same template the training data used
-(:func:`respiramfm.data.templates.render_context`). A missing modality is not
+Inputs go through the one input processor (:mod:`respiramfm.models.processing`):
+the audio file is decoded and featurised there, and context comes from either
+free-text symptoms (used as written) or a metadata JSON object, worded by the
+same context rule the training data used. A missing modality is not
 an error: the sample is scored with what it has, and the output says which
 modalities were used and warns about the rest.
 
@@ -28,11 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from respiramfm.data.records import Record
-from respiramfm.errors import AudioDecodeError, CheckpointError, ConfigError, DataError, RespiraMFMError
-from respiramfm.fusion.predict_io import (CSV_FIELDS, ProgressLog, metadata_to_record, parse_metadata,
-                                          write_outputs)
-from respiramfm.fusion.sequence import FusionItem
+from respiramfm.data.records import read_manifest, resolve_audio_path
+from respiramfm.encoders.registry import get_encoder
+from respiramfm.errors import CheckpointError, ConfigError, RespiraMFMError
+from respiramfm.fusion.predict_io import CSV_FIELDS, ProgressLog, write_outputs
+from respiramfm.models.fusion import RespiraMFM
+from respiramfm.models.processing import AudioInput, InputProcessor, parse_metadata, record_context
+from respiramfm.models.sequence import FusionItem
 from respiramfm.utils.io import sha256_file
 
 
@@ -47,13 +50,15 @@ class Predictor:
         self.encoder_checkpoint = encoder_checkpoint
         self._encoder = encoder
         self.model_id = self._model_id()
+        fe = self.model.cfg.encoder
+        self.frontend = fe.frontend_config() if fe.frontend else get_encoder(fe.name).frontend
+        self.processor = InputProcessor(self.frontend, embed=self.embed_specs)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str = "cpu",
-                        encoder_checkpoint: str | None = None) -> "Predictor":
-        from respiramfm.fusion.model import RespiraMFM
-
-        return cls(RespiraMFM.from_pretrained(directory, device=device), directory, device, encoder_checkpoint)
+                        encoder_checkpoint: str | None = None, allow_download: bool = False) -> "Predictor":
+        model = RespiraMFM.from_pretrained(directory, device=device, allow_download=allow_download)
+        return cls(model, directory, device, encoder_checkpoint)
 
     def _model_id(self) -> str:
         if self.model_dir is not None and (self.model_dir / "config.json").is_file():
@@ -61,14 +66,6 @@ class Predictor:
         return f"unsaved:{self.model.cfg.backbone}"
 
     # ------------------------------------------------------------------ audio
-    @property
-    def frontend(self):
-        from respiramfm.audio import FrontendConfig
-        from respiramfm.encoders.registry import get_encoder
-
-        fe = self.model.cfg.encoder.frontend
-        return FrontendConfig(**fe) if fe else get_encoder(self.model.cfg.encoder.name).frontend
-
     def _checkpoint_path(self, spec) -> str | None:
         if not spec.needs_checkpoint:
             return None
@@ -87,8 +84,6 @@ class Predictor:
     def encoder(self):
         """The recorded audio encoder, built once; its weights must match the recorded hash."""
         if self._encoder is None:
-            from respiramfm.encoders.registry import get_encoder
-
             info = self.model.cfg.encoder
             spec = get_encoder(info.name)
             enc = spec.build(self._checkpoint_path(spec), self.device)
@@ -106,21 +101,6 @@ class Predictor:
         if self.model.cfg.n_audio_tokens > 1 or self.model.cfg.encoder.tokens:
             return enc.encode_tokens(specs)
         return enc.encode(specs)
-
-    def embed_file(self, path: str | os.PathLike) -> np.ndarray:
-        """One audio file -> the encoder embedding the model expects (AudioDecodeError if unusable)."""
-        from respiramfm.audio import load, opera_spectrogram_batch
-
-        p = Path(path)
-        if not p.is_file():
-            raise AudioDecodeError("audio file not found", path=p)
-        fe = self.frontend
-        wave = load(p, sr=fe.sr)
-        try:
-            spec = opera_spectrogram_batch([wave], fe)[0]
-        except AudioDecodeError as exc:
-            raise AudioDecodeError(exc.cause, path=p) from exc
-        return self.embed_specs([spec])[0]
 
     # ------------------------------------------------------------------ single prediction
     def _warnings(self, audio_given: bool, context_given: bool, used: tuple[str, ...]) -> list[str]:
@@ -140,47 +120,47 @@ class Predictor:
         return out
 
     def predict(self, audio_path: str | os.PathLike | None = None, symptoms: str | None = None,
-                metadata: dict | str | None = None, task: str | None = None, attribution: bool = False) -> dict:
-        """Probability that ``task``'s condition is present, with what was used and any warnings."""
-        if not task:
-            raise ConfigError("a task is required (e.g. --task T4)")
-        task_obj = self.model.get_task(task)
-        if symptoms is not None and metadata is not None:
-            raise ConfigError("give either free-text symptoms or metadata, not both")
-        audio_type = ""
-        context = None
-        if metadata is not None:
-            meta = parse_metadata(metadata) if isinstance(metadata, str) else metadata
-            record = metadata_to_record(meta)
-            audio_type = record.audio_type
-            context = render_metadata(record) if meta else None
-        elif symptoms is not None:
-            context = str(symptoms).strip() or None
-        if audio_path is None and context is None:
-            raise DataError("nothing to predict from: give an audio file and/or symptoms or metadata")
-        mode = self.model.cfg.mode
-        audio = None
-        if audio_path is not None and mode != "text_only":
-            audio = self.embed_file(audio_path)
-        item = FusionItem(task=task_obj, audio=audio, context=context, audio_type=audio_type,
-                          key=str(audio_path or "input"))
+                metadata: dict | str | None = None, task: str | None = None, attribution: bool = False,
+                audio: AudioInput | None = None) -> dict:
+        """Probability that ``task``'s condition is present, with what was used and any warnings.
+
+        The recording is a file (``audio_path``) or in-memory content (``audio``: bytes or a
+        decoded :class:`~respiramfm.models.processing.Waveform`), not both.
+        """
+        if audio_path is not None and audio is not None:
+            raise ConfigError("give the recording as a path or as content, not both")
+        source = audio if audio is not None else audio_path
+        item = self.request_item(source, symptoms, metadata, task)
         used = self.model.resolve(item).modalities
         prob = float(self.model.predict_proba([item])[0])
-        out = {"probability": prob, "task": task_obj.name, "disease": task_obj.disease,
-               "modalities_used": list(used), "model": self.model_id,
-               "warnings": self._warnings(audio_path is not None, context is not None, used)}
+        out = self.describe(item, prob, source is not None, item.context is not None, used)
         if attribution:
             out["attention"] = self.model.attention_attribution(item)
         return out
+
+    def describe(self, item: FusionItem, prob: float, audio_given: bool, context_given: bool,
+                 used: tuple[str, ...]) -> dict:
+        """The answer for one scored item (shared by :meth:`predict` and the server's batches)."""
+        task_obj = item.task
+        return {"probability": prob, "task": task_obj.name, "disease": task_obj.disease,
+                "modalities_used": list(used), "model": self.model_id,
+                "warnings": self._warnings(audio_given, context_given, used)}
+
+    def request_item(self, audio: AudioInput | None = None, symptoms: str | None = None,
+                     metadata: dict | str | None = None, task: str | None = None, embed: bool = True) -> FusionItem:
+        """The model input of one request (audio embedded unless ``embed`` is False: the caller then fills it)."""
+        if not task:
+            raise ConfigError("a task is required (e.g. --task T4)")
+        task_obj = self.model.get_task(task)
+        meta = parse_metadata(metadata) if isinstance(metadata, str) else metadata
+        return self.processor.request_item(task_obj, audio, symptoms, meta, embed=embed,
+                                           use_audio=self.model.cfg.mode != "text_only")
 
     # ------------------------------------------------------------------ batch prediction
     def predict_manifest(self, manifest: str | os.PathLike, task: str, out: str | os.PathLike,
                          errors: str | os.PathLike | None = None, batch_size: int = 16,
                          resume: bool = True) -> dict:
         """Predict every record of a manifest; returns a summary (counts and output paths)."""
-        from respiramfm.audio import opera_spectrogram_files
-        from respiramfm.data.records import read_manifest, resolve_audio_path
-
         task_obj = self.model.get_task(task)
         records = read_manifest(manifest)
         out = Path(out)
@@ -194,7 +174,7 @@ class Predictor:
             chunk = todo[start:start + max(1, batch_size)]
             paths = {r.record_id: resolve_audio_path(r, manifest_dir) for r in chunk}
             with_audio = [r for r in chunk if paths[r.record_id] is not None and use_audio]
-            specs = opera_spectrogram_files([paths[r.record_id] for r in with_audio], self.frontend) if with_audio else []
+            specs = self.processor.spectrograms([paths[r.record_id] for r in with_audio]) if with_audio else []
             spec_of = dict(zip((r.record_id for r in with_audio), specs))
             good = [(rid, s) for rid, s in spec_of.items() if not isinstance(s, Exception)]
             embs = dict(zip((rid for rid, _ in good), self.embed_specs([s for _, s in good]))) if good else {}
@@ -204,7 +184,7 @@ class Predictor:
                 if isinstance(bad, Exception):
                     log.error(r.record_id, str(paths[r.record_id]), getattr(bad, "cause", str(bad)))
                     continue
-                context = r.context or render_metadata(r)
+                context = record_context(r)
                 item = FusionItem(task=task_obj, audio=embs.get(r.record_id), context=context,
                                   audio_type=r.audio_type, key=r.record_id)
                 try:
@@ -227,12 +207,6 @@ class Predictor:
                 "errors_file": str(errors), "model": self.model_id, "task": task_obj.name}
 
 
-def render_metadata(record: Record) -> str:
-    from respiramfm.data.templates import render_context
-
-    return render_context(record)
-
-
 # ---------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model directory written by `respiramfm finetune`")
@@ -250,6 +224,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--encoder-checkpoint", help="audio encoder checkpoint, if not where config.json says")
+    parser.add_argument("--allow-download", action="store_true",
+                        help="let a hub-id backbone named in config.json be downloaded (default: local files only)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -260,7 +236,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--manifest cannot be combined with --audio/--symptoms/--metadata/--attribution")
     elif not (args.audio or args.symptoms or args.metadata):
         raise ConfigError("give --audio and/or --symptoms/--metadata (or --manifest with --out)")
-    predictor = Predictor.from_pretrained(args.model, device=args.device, encoder_checkpoint=args.encoder_checkpoint)
+    predictor = Predictor.from_pretrained(args.model, device=args.device, encoder_checkpoint=args.encoder_checkpoint,
+                                          allow_download=args.allow_download)
     if args.manifest:
         result = predictor.predict_manifest(args.manifest, args.task, args.out, args.errors,
                                             batch_size=args.batch_size, resume=not args.no_resume)
@@ -272,4 +249,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["CSV_FIELDS", "Predictor", "add_arguments", "metadata_to_record", "parse_metadata", "run"]
+__all__ = ["CSV_FIELDS", "Predictor", "add_arguments", "run"]

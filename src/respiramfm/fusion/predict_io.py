@@ -1,8 +1,5 @@
-"""Input parsing and resumable output files for ``respiramfm predict``.
-
-Metadata arrives as JSON from a user, so it is checked field by field and
-turned into the same :class:`~respiramfm.data.records.Record` the dataset
-adapters produce; the context template then words it exactly as in training.
+"""Resumable output files for ``respiramfm predict`` (its inputs go through
+:mod:`respiramfm.models.processing`).
 
 Batch prediction keeps a hidden JSON-lines progress file next to the output.
 Each finished record (prediction or error) is appended and flushed, so a killed
@@ -16,93 +13,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 from pathlib import Path
 
-from respiramfm.data.records import Record
-from respiramfm.errors import DataError
-from respiramfm.utils.io import atomic_write_text
+from respiramfm.utils.io import atomic_write_text, csv_row
 
 CSV_FIELDS = ["record_id", "patient_id", "dataset", "split", "task", "label", "probability", "modalities_used",
               "warnings"]
 ERROR_FIELDS = ["record_id", "path", "error"]
-METADATA_KEYS = ("age", "sex", "gender", "symptoms", "medical_history", "smoker", "location", "audio_type",
-                 "device", "gender_text", "age_text", "smoking_text", "symptoms_text")
-_SEX = {"m": "male", "male": "male", "man": "male", "f": "female", "female": "female", "woman": "female"}
-_YES = {"yes", "y", "true", "1", "smoker", "current smoker"}
-_NO = {"no", "n", "false", "0", "non-smoker", "nonsmoker", "never"}
-
-
-def parse_metadata(text: str) -> dict:
-    """A JSON object given inline or as the path of a ``.json`` file (DataError otherwise)."""
-    source = "--metadata"
-    raw = text
-    if not text.lstrip().startswith("{") and Path(text).suffix.lower() == ".json":
-        try:
-            raw = Path(text).read_text(encoding="utf-8")
-            source = text
-        except OSError as exc:
-            raise DataError(f"cannot read metadata file: {exc.strerror}", path=text) from None
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{source} is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
-    if not isinstance(value, dict):
-        raise DataError(f"{source} must be a JSON object, got {type(value).__name__}")
-    return value
-
-
-def _text(value, key: str) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, (list, tuple)):
-        return "; ".join(_text(v, key) for v in value if _text(v, key))
-    if isinstance(value, (dict, bool)):
-        raise DataError(f"metadata field {key!r} must be text or a list of text, got {value!r}")
-    return str(value).strip()
-
-
-def metadata_to_record(meta: dict) -> Record:
-    """A Record from user metadata; unknown keys and malformed values are DataErrors."""
-    unknown = sorted(set(meta) - set(METADATA_KEYS))
-    if unknown:
-        raise DataError(f"unknown metadata field(s) {unknown}; allowed: {list(METADATA_KEYS)}")
-    extra: dict = {}
-    age = meta.get("age")
-    if age is not None and age != "":
-        try:
-            age = float(age)
-        except (TypeError, ValueError):
-            extra["age_text"] = _text(age, "age")  # an age band such as "45-54"
-            age = None
-        else:
-            if isinstance(meta.get("age"), bool) or not math.isfinite(age) or age < 0:
-                raise DataError(f"metadata field 'age' must be a non-negative number, got {meta.get('age')!r}")
-    else:
-        age = None
-    sex_raw = _text(meta.get("sex", meta.get("gender")), "sex")
-    sex = _SEX.get(sex_raw.lower(), "")
-    if sex_raw and not sex:
-        extra["gender_text"] = sex_raw
-    smoker_raw = meta.get("smoker")
-    if isinstance(smoker_raw, bool):
-        smoker = "yes" if smoker_raw else "no"
-    else:
-        s = _text(smoker_raw, "smoker").lower()
-        smoker = "yes" if s in _YES else "no" if s in _NO else ""
-        if s and not smoker:
-            extra["smoking_text"] = s
-    for key in ("gender_text", "age_text", "smoking_text", "symptoms_text"):
-        if meta.get(key):
-            extra[key] = _text(meta[key], key)
-    return Record(record_id="input", patient_id="input", dataset="input", audio_type=_text(meta.get("audio_type"), "audio_type"),
-                  age=age, sex=sex, symptoms=_text(meta.get("symptoms"), "symptoms"),
-                  medical_history=_text(meta.get("medical_history"), "medical_history"), smoker=smoker,
-                  location=_text(meta.get("location"), "location"), device=_text(meta.get("device"), "device"),
-                  extra=extra)
-
-
 class ProgressLog:
     """Append-only record of finished rows and errors for one (model, task, manifest) run."""
 
@@ -164,7 +82,7 @@ def _table(fields: list[str], rows, delimiter: str = ",") -> str:
     w = csv.DictWriter(buf, fieldnames=fields, delimiter=delimiter, lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: r.get(k, "") for k in fields})
+        w.writerow(csv_row({k: r.get(k, "") for k in fields}))  # formula-looking cells neutralised
     return buf.getvalue()
 
 

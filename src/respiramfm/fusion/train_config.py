@@ -1,7 +1,9 @@
 """Stage-2 training configuration (``respiramfm finetune --config FILE --set key=value``).
 
 Kept apart from the trainer so the evaluation protocol and baselines can build and pass
-configs without importing the training loop.
+configs without importing the training loop. ``optim`` is the shared
+:class:`respiramfm.training.config.OptimConfig`; :func:`finetune_budget` turns the flat
+run-length keys into the engine's :class:`~respiramfm.training.config.Budget`.
 """
 
 from __future__ import annotations
@@ -10,26 +12,14 @@ from dataclasses import dataclass, field
 
 from respiramfm.errors import ConfigError
 from respiramfm.fusion.data import MIXINGS
-from respiramfm.fusion.model import FusionConfig
+from respiramfm.models.configuration import FusionConfig
+from respiramfm.training.config import SCHEDULES, Budget, OptimConfig
 
-SCHEDULES = ("cosine", "official", "constant")
 # Settings that may change between a killed run and its resumption without changing the result.
 # Data paths may move: the data themselves are fingerprinted (and the projector hashed) separately.
 RESUME_FREE = ("out_dir", "device", "threads", "progress", "resume", "log_every", "manifests", "audio_store",
-               "task_files", "projector")
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-5
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    schedule: str = "cosine"    # cosine: per optimiser step to min_lr | official: per epoch, T_max | constant
-    min_lr: float = 1e-6
-    warmup_steps: int = 0
-    t_max: int = 10000          # "official" only: CosineAnnealingLR(T_max) stepped once per epoch
-    max_grad_norm: float = 0.0  # 0 = no clipping
+               "task_files", "projector", "trunk_cache_dir")
+SELECT_KEYS = {"auroc": ("val_mean_auroc", "max"), "loss": ("val_loss", "min")}
 
 
 @dataclass
@@ -62,6 +52,9 @@ class FinetuneConfig:
     threads: int = 0                                       # torch CPU threads (0 = leave)
     progress: bool = True
     log_every: int = 10
+    trunk_cache: bool = False       # with model.lora.top_layers: train on cached states of the frozen layers below
+    trunk_cache_dir: str = ""       # "" = the user cache (shared by runs, seeds and systems; keyed by content)
+    accept_eval_trunk: bool = False  # allow the cache although layers below the cut have dropout (run in eval mode)
 
     def validate(self) -> "FinetuneConfig":
         if self.mixing not in MIXINGS:
@@ -70,7 +63,7 @@ class FinetuneConfig:
             raise ConfigError(f"optim.schedule must be one of {SCHEDULES}, got {self.optim.schedule!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
-        if self.select_metric not in ("auroc", "loss"):
+        if self.select_metric not in SELECT_KEYS:
             raise ConfigError(f"select_metric must be auroc or loss, got {self.select_metric!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
@@ -79,9 +72,19 @@ class FinetuneConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if min(self.max_steps, self.eval_every, self.patience, self.threads, self.optim.warmup_steps) < 0:
             raise ConfigError("max_steps, eval_every, patience, threads and optim.warmup_steps must be >= 0")
-        if not self.optim.lr > 0 or len(self.optim.betas) != 2:
-            raise ConfigError("optim.lr must be > 0 and optim.betas a pair")
+        self.optim.validate()
         if not self.projector and self.model.mode != "text_only":
             raise ConfigError("projector is not set (the `respiramfm align` output directory)")
         self.model.validate()
         return self
+
+
+def finetune_budget(cfg: FinetuneConfig) -> Budget:
+    """The engine's budget of a stage-2 run (validation every ``eval_every`` steps or per epoch)."""
+    key, mode = SELECT_KEYS[cfg.select_metric]
+    return Budget(optim=cfg.optim, epochs=cfg.epochs, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
+                  grad_accum=cfg.grad_accum, eval_every=cfg.eval_every, eval_unit="step", select_metric=key,
+                  select_mode=mode, patience=cfg.patience)
+
+
+__all__ = ["FinetuneConfig", "OptimConfig", "RESUME_FREE", "SCHEDULES", "SELECT_KEYS", "finetune_budget"]

@@ -18,16 +18,18 @@ tokenisation and real architectures in milliseconds.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from respiramfm.errors import ConfigError
+from respiramfm.llm import smollm
 
 DEFAULT_BACKBONE = "smollm2-135m"
 SMOLLM2_ALIASES = {"smollm2-135m", "smollm2-135m-instruct", "smollm2"}
@@ -193,10 +195,31 @@ def _finish(model, tokenizer, name: str, revision: str | None, source: str, devi
     return bb
 
 
+@contextlib.contextmanager
+def _hub_offline(on: bool) -> Iterator[None]:
+    """Hugging Face Hub offline mode for the duration of a load (``local_files_only`` alone still lets
+    huggingface_hub fetch its own metadata, e.g. the agent registry)."""
+    if not on:
+        yield
+        return
+    from huggingface_hub import constants  # lazy: only hub-id loads need it
+
+    old = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = old
+
+
 def load_backbone(name_or_path: str = DEFAULT_BACKBONE, dtype: torch.dtype | str = torch.float32,
                   revision: str | None = None, device: str | torch.device = "cpu", padding_side: str = "right",
-                  freeze: bool = True, attn_implementation: str | None = None) -> Backbone:
+                  freeze: bool = True, attn_implementation: str | None = None,
+                  local_only: bool = False) -> Backbone:
     """Load a causal LM and its tokenizer as a frozen :class:`Backbone` in eval mode.
+
+    ``local_only``: read a hub id from the local Hugging Face cache only, never the network
+    (used when the name comes from a saved model directory rather than from the user).
 
     ``name_or_path``: ``"smollm2-135m"`` (offline default, converted once from the
     bundled GGUF and cached), a local Hugging Face folder, or a hub id (network
@@ -208,8 +231,6 @@ def load_backbone(name_or_path: str = DEFAULT_BACKBONE, dtype: torch.dtype | str
     dtype = as_dtype(dtype)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if str(name_or_path).lower() in SMOLLM2_ALIASES:
-        from respiramfm.llm import smollm
-
         if revision not in (None, "", "main"):
             raise ConfigError(f"smollm2-135m is the bundled GGUF; revision {revision!r} cannot be chosen")
         folder, converted = smollm.ensure_converted()
@@ -226,9 +247,14 @@ def load_backbone(name_or_path: str = DEFAULT_BACKBONE, dtype: torch.dtype | str
     if not is_local and Path(target).exists():
         raise ConfigError("a backbone must be a model folder or a hub id, not a file", path=target)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(target, revision=revision)
-        model = AutoModelForCausalLM.from_pretrained(target, revision=revision, dtype=dtype, **extra)
+        hub = {"local_files_only": True} if local_only else {}
+        with _hub_offline(local_only):
+            tokenizer = AutoTokenizer.from_pretrained(target, revision=revision, **hub)
+            model = AutoModelForCausalLM.from_pretrained(target, revision=revision, dtype=dtype, **extra, **hub)
     except (OSError, ValueError) as exc:
+        if local_only and not is_local:
+            raise ConfigError("cannot load this hub id from local files, and downloading was not allowed "
+                              "(--allow-download)", path=target) from None
         where = "folder" if is_local else "hub id (offline? only cached models load without network)"
         raise ConfigError(f"cannot load causal LM from this {where}: {exc}".splitlines()[0], path=target) from exc
     commit = getattr(model.config, "_commit_hash", None)
@@ -277,8 +303,8 @@ def tiny_backbone(arch: str = "llama", hidden_size: int = 64, num_layers: int = 
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from respiramfm.llm import smollm
-
+    if arch not in TINY_ARCHS:  # before the tokenizer loads: a wrong name fails at once
+        raise ConfigError(f"unknown tiny architecture {arch!r} (expected one of {TINY_ARCHS})")
     tokenizer = AutoTokenizer.from_pretrained(smollm.ensure_tokenizer())
     prepare_tokenizer(tokenizer, padding_side)
     special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,

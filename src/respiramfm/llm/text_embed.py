@@ -1,32 +1,28 @@
 """Stage-1 text targets f_T: one vector per context string from a frozen LLM.
 
 The official code tokenises each context alone, truncates it to 125 tokens and
-takes the mean of Phi-2's ``last_hidden_state`` over its tokens (REFERENCE §4).
+takes the mean of Phi-2's ``last_hidden_state`` over its tokens (docs/paper.md §4).
 We compute the same thing in padded batches: padding is masked out of
 attention, position ids are counted over real tokens only (so left padding and
 absolute-position models give the same states), and pooling is a mask-weighted
 mean, so a batched result equals the one-at-a-time result to float rounding.
 
-Three target spaces can be compared (REFERENCE §4, defect 10):
+Three target spaces can be compared (docs/paper.md §4, docs/defects.md #10):
 
 * ``hidden_mean`` — mean last hidden state over real tokens (the paper's target);
 * ``input_mean``  — mean of the input-embedding vectors (the space stage 2 feeds
   the projector output into);
 * ``last_token``  — last hidden state of the last real token.
 
-This module also hosts the ``respiramfm embed-text`` command; the on-disk
-cache lives in :mod:`respiramfm.llm.text_store`.
+The ``respiramfm embed-text`` command and its on-disk store live in
+:mod:`respiramfm.llm.text_store`, which calls this module.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 import torch
 
 from respiramfm.errors import ConfigError, DataError
-from respiramfm.llm.text_store import TextTargetStore, embed_manifest, read_text_targets  # noqa: F401 (re-export)
 
 SPACES = ("hidden_mean", "input_mean", "last_token")
 DEFAULT_MAX_TOKENS = 125
@@ -119,41 +115,3 @@ def text_targets(backbone, texts: list[str], space: str = "hidden_mean", max_tok
     finally:
         backbone.model.train(was_training)
     return out
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--manifest", required=True, help="records manifest CSV (its 'context' column is embedded)")
-    parser.add_argument("--out", required=True, help="text-target store directory (created; resumable)")
-    parser.add_argument("--backbone", default="smollm2-135m",
-                        help="LLM: 'smollm2-135m' (offline default), a local model folder, or a hub id "
-                             "such as microsoft/phi-2 (the paper's LLM; needs network once)")
-    parser.add_argument("--revision", default=None, help="hub revision (commit/tag) for a hub backbone")
-    parser.add_argument("--space", choices=SPACES, default="hidden_mean",
-                        help="target space (hidden_mean = the paper's choice)")
-    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="truncate each context to N tokens")
-    parser.add_argument("--batch-size", type=int, default=16, help="texts per forward pass")
-    parser.add_argument("--chunk-size", type=int, default=256, help="texts per persisted chunk (resume granularity)")
-    parser.add_argument("--dtype", default="float32", help="backbone dtype: float32, bfloat16 or float16")
-    parser.add_argument("--num-layers", type=int, default=0,
-                        help="keep the LLM's first N decoder layers (0 = all; match stage 2's model.num_layers)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-
-
-def run(args: argparse.Namespace) -> int:
-    from respiramfm.llm.backbones import load_backbone
-
-    if args.max_tokens < 1 or args.batch_size < 1 or args.chunk_size < 1 or args.num_layers < 0:
-        raise ConfigError("--max-tokens, --batch-size and --chunk-size must be positive, --num-layers >= 0")
-    backbone = load_backbone(args.backbone, dtype=args.dtype, revision=args.revision, device=args.device)
-    if args.num_layers:
-        backbone.keep_first_layers(args.num_layers)
-    report = embed_manifest(args.manifest, args.out, backbone, space=args.space, max_tokens=args.max_tokens,
-                            batch_size=args.batch_size, chunk_size=args.chunk_size)
-    print(f"embed-text: {report['records']} records, {report['unique_texts']} unique texts "
-          f"({report['computed']} computed, {report['reused']} reused), {report['errors']} errors -> {args.out}")
-    if report["errors"]:
-        print(f"embed-text: see {report['errors_path']}", file=sys.stderr)
-    return 0

@@ -2,8 +2,10 @@
 
 * :mod:`respiramfm.serve.engine` -- request checks and thread-safe inference on a
   loaded :class:`~respiramfm.fusion.predict.Predictor`, uploads decoded in memory;
-* :mod:`respiramfm.serve.app` -- the FastAPI app (:func:`create_app`), its
-  middleware (body-size limit, security headers) and the CLI;
+* :mod:`respiramfm.serve.app` -- the FastAPI app (:func:`create_app`) and the CLI;
+* :mod:`respiramfm.serve.guards` -- what protects it: body size and time limits,
+  the Origin/Host policy, security headers and relative redirects, header and
+  keep-alive timeouts and a connection cap (uvicorn), the research-use notice;
 * :mod:`respiramfm.serve.client` -- a dependency-free multipart client for scripts,
   tests and the benchmark;
 * :mod:`respiramfm.serve.tiny` -- a randomly initialised model directory for tests

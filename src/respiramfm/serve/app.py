@@ -10,8 +10,10 @@ Endpoints: ``POST /predict`` (multipart: ``audio`` file, ``task``, ``symptoms`` 
 OpenAPI schema at ``/openapi.json``, and the page at ``/`` with its assets under
 ``/static/`` -- the only files the server ever reads from disk after start-up.
 
-Every refused request gets a 4xx JSON body ``{"error": code, "detail": text}``.
-The interactive ``/docs`` pages are switched off: they load scripts from a CDN,
+Every JSON answer carries ``"notice"``: the research-use notice. Every refused
+request gets a 4xx JSON body ``{"error": code, "detail": text, "notice": ...}``.
+Slow, oversized, idle and cross-site clients are handled in
+:mod:`respiramfm.serve.guards`. The interactive ``/docs`` pages are switched off: they load scripts from a CDN,
 and nothing this server sends may reach outside the machine. A strict
 Content-Security-Policy makes browsers enforce that for the page too.
 """
@@ -20,14 +22,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Sequence
 
 import anyio
+import uvicorn
 from fastapi import FastAPI, File, Form, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -36,15 +38,14 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from respiramfm import __version__
-from respiramfm.errors import RespiraMFMError
-from respiramfm.serve.engine import (DEFAULT_MAX_SECONDS, DEFAULT_MAX_UPLOAD_MB, Engine, InputError, Limits,
-                                     ServePredictor)
+from respiramfm.errors import ConfigError, RespiraMFMError
+from respiramfm.fusion.predict import Predictor
+from respiramfm.serve.engine import DEFAULT_MAX_SECONDS, DEFAULT_MAX_UPLOAD_MB, Engine, InputError, Limits
+from respiramfm.serve.guards import (LOOPBACK_HOSTS, BodyLimit, OriginPolicy, SecurityHeaders, ServerLimits,
+                                     server_config, with_notice)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 FORM_OVERHEAD = 256 * 1024  # room for the text fields and multipart framing next to the audio
-CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
-       "media-src 'self' blob:; connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
-       "frame-ancestors 'none'")
 log = logging.getLogger("respiramfm.serve")
 
 
@@ -79,102 +80,16 @@ class Prediction(BaseModel):
     attention: Attention | None = None
     audio: AudioInfo | None = None
     spectrogram_png: str | None = None
+    notice: str
 
 
 class ErrorBody(BaseModel):
     error: str
     detail: Any
+    notice: str
 
 
 ERRORS = {400: {"model": ErrorBody}, 413: {"model": ErrorBody}, 422: {"model": ErrorBody}}
-
-
-# ---------------------------------------------------------------------- ASGI middleware
-async def _send_json(send, status: int, body: dict) -> None:
-    data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-                            (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": data})
-
-
-class BodyLimit:
-    """Refuse request bodies over ``max_bytes`` with a JSON 413, before they are parsed or spooled.
-
-    (FastAPI's own ``max_body_size`` answers some of these cases with a plain-text
-    413; every refusal of this API is JSON, so the limit is enforced here.)
-
-    A declared Content-Length is checked up front; a chunked body is counted as
-    it arrives and cut off at the limit (the app then sees a disconnect, and
-    whatever it answers is replaced by the 413).
-    """
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, int(max_bytes)
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        too_big = {"error": "request_too_large", "detail": f"request body exceeds {self.max_bytes} bytes"}
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None:
-            try:
-                n = int(declared)
-            except ValueError:
-                return await _send_json(send, 400, {"error": "bad_request", "detail": "invalid Content-Length"})
-            if n > self.max_bytes:
-                return await _send_json(send, 413, too_big)
-        state = {"seen": 0, "over": False, "started": False}
-
-        async def counted_receive():
-            if state["over"]:
-                return {"type": "http.disconnect"}
-            msg = await receive()
-            if msg["type"] == "http.request":
-                state["seen"] += len(msg.get("body", b""))
-                if state["seen"] > self.max_bytes:
-                    state["over"] = True
-                    return {"type": "http.disconnect"}
-            return msg
-
-        async def guarded_send(msg):
-            if state["over"]:
-                if not state["started"]:
-                    state["started"] = True
-                    await _send_json(send, 413, too_big)
-                return
-            if msg["type"] == "http.response.start":
-                state["started"] = True
-            await send(msg)
-
-        try:
-            await self.app(scope, counted_receive, guarded_send)
-        except Exception:
-            if not state["over"]:
-                raise
-        if state["over"] and not state["started"]:
-            await _send_json(send, 413, too_big)
-
-
-class SecurityHeaders:
-    """CSP (no external resources, no inline script), no MIME sniffing, no framing."""
-
-    HEADERS = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
-               (b"referrer-policy", b"no-referrer"), (b"x-frame-options", b"DENY")]
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-
-        async def with_headers(msg):
-            if msg["type"] == "http.response.start":
-                msg = {**msg, "headers": list(msg.get("headers") or []) + self.HEADERS}
-            await send(msg)
-
-        await self.app(scope, receive, with_headers)
 
 
 # ---------------------------------------------------------------------- app
@@ -186,26 +101,27 @@ def _slug(status: int) -> str:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InputError)
     async def _input(_req, exc: InputError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(with_notice(exc.body()), status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_req, exc: RequestValidationError):
         detail = [{"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", ""))} for e in exc.errors()]
-        return JSONResponse({"error": "invalid_request", "detail": detail}, status_code=422)
+        return JSONResponse(with_notice({"error": "invalid_request", "detail": detail}), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_req, exc: StarletteHTTPException):
-        return JSONResponse({"error": _slug(exc.status_code), "detail": str(exc.detail)},
+        return JSONResponse(with_notice({"error": _slug(exc.status_code), "detail": str(exc.detail)}),
                             status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RespiraMFMError)
     async def _ours(_req, exc: RespiraMFMError):
-        return JSONResponse({"error": "bad_input", "detail": exc.cause}, status_code=400)
+        return JSONResponse(with_notice({"error": "bad_input", "detail": exc.cause}), status_code=400)
 
     @app.exception_handler(Exception)
     async def _bug(_req, exc: Exception):
         log.exception("unhandled error")
-        return JSONResponse({"error": "internal_error", "detail": type(exc).__name__}, status_code=500)
+        return JSONResponse(with_notice({"error": "internal_error", "detail": type(exc).__name__}),
+                            status_code=500)
 
 
 async def _read_upload(audio: UploadFile | None, limits: Limits) -> tuple[bytes | None, str | None]:
@@ -217,14 +133,21 @@ async def _read_upload(audio: UploadFile | None, limits: Limits) -> tuple[bytes 
 
 def create_app(model_dir: str | Path | None = None, *, predictor=None, device: str = "cpu",
                encoder_checkpoint: str | None = None, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
-               max_seconds: float = DEFAULT_MAX_SECONDS) -> FastAPI:
-    """The FastAPI app for one model (a saved directory, or an already loaded Predictor)."""
+               max_seconds: float = DEFAULT_MAX_SECONDS, batch_window_ms: float = 0.0,
+               allowed_hosts: Sequence[str] | None = None, allowed_origins: Sequence[str] = (),
+               server_limits: ServerLimits | None = None) -> FastAPI:
+    """The FastAPI app for one model (a saved directory, or an already loaded Predictor).
+
+    ``allowed_hosts`` (``None``: any Host) and ``allowed_origins`` (besides the
+    server's own) set the :class:`~respiramfm.serve.guards.OriginPolicy`;
+    ``server_limits`` supplies the body timeouts.
+    """
     if (model_dir is None) == (predictor is None):
         raise ValueError("give exactly one of model_dir and predictor")
     if predictor is None:
-        predictor = ServePredictor.from_pretrained(model_dir, device=device, encoder_checkpoint=encoder_checkpoint)
+        predictor = Predictor.from_pretrained(model_dir, device=device, encoder_checkpoint=encoder_checkpoint)
     limits = Limits(max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_seconds=float(max_seconds))
-    engine = Engine(predictor, limits)
+    engine = Engine(predictor, limits, batch_window_ms=batch_window_ms)
 
     app = FastAPI(title="RespiraMFM", version=__version__, docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json",
@@ -232,17 +155,20 @@ def create_app(model_dir: str | Path | None = None, *, predictor=None, device: s
                               "symptom text. Not a medical device; not a diagnosis.")
     app.state.engine = engine
     task_names = [t["name"] for t in engine.tasks()]  # documented in the schema; checked by the engine
-    app.add_middleware(BodyLimit, max_bytes=limits.max_upload_bytes + FORM_OVERHEAD)
+    timing = server_limits or ServerLimits()
+    app.add_middleware(BodyLimit, max_bytes=limits.max_upload_bytes + FORM_OVERHEAD, timeout=timing.body_timeout,
+                       idle_timeout=timing.body_idle_timeout)
+    app.add_middleware(OriginPolicy, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins)
     app.add_middleware(SecurityHeaders)
     _install_error_handlers(app)
 
     @app.get("/health", summary="model identity and limits")
     def health() -> dict:
-        return engine.info()
+        return with_notice(engine.info())
 
     @app.get("/tasks", summary="the tasks this model can score")
     def tasks() -> dict:
-        return {"tasks": engine.tasks()}
+        return with_notice({"tasks": engine.tasks()})
 
     @app.post("/predict", response_model=Prediction, response_model_exclude_none=True, responses=ERRORS,
               summary="probability that the task's condition is present")
@@ -258,8 +184,8 @@ def create_app(model_dir: str | Path | None = None, *, predictor=None, device: s
         spectrogram: Annotated[bool, Form(description="add a PNG (base64) of the input spectrogram")] = False,
     ) -> dict:
         data, name = await _read_upload(audio, engine.limits)
-        return await anyio.to_thread.run_sync(engine.predict, data, name, task, symptoms, metadata, attribution,
-                                              spectrogram)
+        return with_notice(await anyio.to_thread.run_sync(engine.predict, data, name, task, symptoms, metadata,
+                                                          attribution, spectrogram))
 
     @app.post("/spectrogram", response_class=Response, responses={200: {"content": {"image/png": {}}}, **ERRORS},
               summary="PNG of the OPERA log-mel spectrogram the encoder sees")
@@ -280,11 +206,14 @@ def create_app(model_dir: str | Path | None = None, *, predictor=None, device: s
 
 
 @contextlib.contextmanager
-def running_server(app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning", timeout: float = 60.0):
-    """Run ``app`` under uvicorn in a background thread; yields the base URL, stops the server on exit."""
-    import uvicorn
+def running_server(app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning", timeout: float = 60.0,
+                   limits: ServerLimits | None = None):
+    """Run ``app`` under uvicorn in a background thread; yields the base URL, stops the server on exit.
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off"))
+    ``limits``: the connection-level :class:`ServerLimits` (header and keep-alive
+    timeouts, connection cap); the body timeouts are the app's own.
+    """
+    server = uvicorn.Server(server_config(app, host, port, limits, log_level=log_level))
     thread = threading.Thread(target=server.run, name="respiramfm-serve", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout
@@ -312,20 +241,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"largest accepted upload in MiB (default {DEFAULT_MAX_UPLOAD_MB:g})")
     parser.add_argument("--max-seconds", type=float, default=DEFAULT_MAX_SECONDS,
                         help=f"longest accepted recording in seconds (default {DEFAULT_MAX_SECONDS:g})")
+    parser.add_argument("--batch-window-ms", type=float, default=0.0,
+                        help="micro-batching: requests arriving within this many ms share one forward pass "
+                             "(0, the default: one request at a time, bit-identical to `respiramfm predict`)")
+    parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="a host name this server answers to (repeatable); on a loopback --host the default is "
+                             f"{', '.join(LOOPBACK_HOSTS)}, elsewhere any Host unless this is given")
+    parser.add_argument("--allow-origin", action="append", default=[], metavar="URL",
+                        help="an origin (scheme://host[:port]) besides the server's own that may POST (repeatable)")
+    d = ServerLimits()
+    parser.add_argument("--max-connections", type=int, default=d.max_connections,
+                        help=f"open connections; more are closed on arrival (default {d.max_connections})")
+    parser.add_argument("--header-timeout", type=float, default=d.header_timeout,
+                        help=f"seconds for a request's headers to arrive (default {d.header_timeout:g})")
+    parser.add_argument("--body-timeout", type=float, default=d.body_timeout,
+                        help=f"seconds for a whole request body (default {d.body_timeout:g}; "
+                             f"{d.body_idle_timeout:g} s at most between two chunks)")
+    parser.add_argument("--keep-alive-timeout", type=float, default=d.keep_alive_timeout,
+                        help=f"seconds an idle connection stays open (default {d.keep_alive_timeout:g})")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from respiramfm.errors import ConfigError
-
     if args.max_upload_mb <= 0 or args.max_seconds <= 0:
         raise ConfigError("--max-upload-mb and --max-seconds must be positive")
+    try:
+        limits = ServerLimits(header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                              body_idle_timeout=min(ServerLimits.body_idle_timeout, args.body_timeout),
+                              keep_alive_timeout=args.keep_alive_timeout, max_connections=args.max_connections)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    hosts = list(args.allow_host)
+    if args.host in ("127.0.0.1", "localhost", "::1"):
+        hosts += LOOPBACK_HOSTS  # a loopback server answers to loopback names only: no DNS rebinding
     app = create_app(args.model, device=args.device, encoder_checkpoint=args.encoder_checkpoint,
-                     max_upload_mb=args.max_upload_mb, max_seconds=args.max_seconds)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="off")
+                     max_upload_mb=args.max_upload_mb, max_seconds=args.max_seconds,
+                     batch_window_ms=args.batch_window_ms, allowed_hosts=hosts or None,
+                     allowed_origins=args.allow_origin, server_limits=limits)
+    uvicorn.Server(server_config(app, args.host, args.port, limits, log_level=args.log_level)).run()
     return 0
 
 
-__all__ = ["STATIC_DIR", "add_arguments", "create_app", "run", "running_server"]
+__all__ = ["STATIC_DIR", "ServerLimits", "add_arguments", "create_app", "run", "running_server"]

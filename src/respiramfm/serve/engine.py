@@ -3,13 +3,12 @@
 Why a separate engine instead of calling :class:`~respiramfm.fusion.predict.Predictor`
 from the route handlers directly:
 
-* **Uploads never touch the file system.** ``Predictor.predict`` reads audio from a
-  path. Here the upload is decoded from bytes (:func:`respiramfm.audio.load_audio_bytes`,
-  format sniffed from the content, never from the file name or content type) and
-  handed to ``Predictor.predict`` as an :class:`Upload` object;
-  :class:`ServePredictor` only overrides the one step that reads the file, so
-  every other rule of ``predict`` (prompt, context template, missing-modality
-  handling, warnings) is the fusion code itself and the probabilities are
+* **Uploads never touch the file system.** The uploaded bytes go to the model's input
+  processor (:mod:`respiramfm.models.processing`) as bytes: it decodes them in memory
+  (format sniffed from the content, never from the file name or content type) into a
+  :class:`~respiramfm.models.processing.Waveform`, which ``Predictor.predict`` takes as
+  its ``audio``. Every other rule of ``predict`` (front end, prompt, context rule,
+  missing-modality handling, warnings) is the same code, so the probabilities are
   identical to ``respiramfm predict`` on the same recording.
 * **One model, many threads.** The model and its encoder are shared torch
   modules, and attention attribution switches the attention implementation of
@@ -24,21 +23,19 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from respiramfm.audio import load_audio_bytes, opera_spectrogram_batch, sniff_format
-from respiramfm.errors import AudioDecodeError, ConfigError, DataError
+from respiramfm.errors import AudioContentError, AudioDecodeError, ConfigError, DataError
 from respiramfm.fusion.predict import Predictor
-from respiramfm.fusion.predict_io import metadata_to_record
+from respiramfm.models.processing import Waveform, metadata_to_record, parse_metadata_text
+from respiramfm.serve.batcher import DEFAULT_MAX_BATCH, BatchedModel, Job, MicroBatcher
 
 DEFAULT_MAX_UPLOAD_MB = 20.0
 DEFAULT_MAX_SECONDS = 120.0  # the supported datasets' recordings last 1-90 s
-MAX_METADATA_CHARS = 16384  # a patient record is a few hundred characters
 
 
 class InputError(Exception):
@@ -61,50 +58,6 @@ class Limits:
 
     def as_dict(self) -> dict:
         return {"max_upload_bytes": self.max_upload_bytes, "max_seconds": self.max_seconds}
-
-
-@dataclass
-class Upload:
-    """A decoded upload, passed to ``Predictor.predict`` in place of a path."""
-
-    name: str
-    wave: np.ndarray
-    sr: int
-    format: str
-    _spec: np.ndarray | None = field(default=None, repr=False)
-
-    def __str__(self) -> str:  # Predictor uses str(audio_path) as the item key
-        return self.name
-
-    @property
-    def seconds(self) -> float:
-        return len(self.wave) / self.sr
-
-    def spectrogram(self, frontend) -> np.ndarray:
-        """The OPERA log-mel (T, n_mels) the encoder sees, computed once per upload."""
-        if self._spec is None:
-            try:
-                self._spec = opera_spectrogram_batch([self.wave], frontend)[0]
-            except AudioDecodeError as exc:
-                raise AudioDecodeError(exc.cause, path=self.name) from exc
-        return self._spec
-
-
-class ServePredictor(Predictor):
-    """A Predictor that also accepts an in-memory :class:`Upload` wherever it expects an audio path."""
-
-    def embed_file(self, path):
-        if isinstance(path, Upload):
-            # Same steps as Predictor.embed_file after decoding: front end, then the recorded encoder.
-            return self.embed_specs([path.spectrogram(self.frontend)])[0]
-        return super().embed_file(path)
-
-    @classmethod
-    def wrap(cls, predictor: Predictor) -> "ServePredictor":
-        if isinstance(predictor, cls):
-            return predictor
-        return cls(predictor.model, predictor.model_dir, predictor.device, predictor.encoder_checkpoint,
-                   predictor._encoder)
 
 
 def group_words(tokens: list[str], weights: list[float]) -> list[dict]:
@@ -143,11 +96,15 @@ def spectrogram_png(spec: np.ndarray, frontend) -> bytes:
 class Engine:
     """A loaded model behind a lock, with the request checks of the HTTP API."""
 
-    def __init__(self, predictor: Predictor, limits: Limits | None = None):
-        self.predictor = ServePredictor.wrap(predictor)
+    def __init__(self, predictor: Predictor, limits: Limits | None = None, batch_window_ms: float = 0.0,
+                 max_batch: int = DEFAULT_MAX_BATCH):
+        self.predictor = predictor
         self.limits = limits or Limits()
         self._lock = threading.Lock()
         self._plot_lock = threading.Lock()
+        # batch_window_ms > 0: concurrent requests share forward passes (serve/batcher.py); 0: one at a time
+        self._batched = BatchedModel(self.predictor) if batch_window_ms > 0 else None
+        self.batcher = MicroBatcher(self._run_batch, batch_window_ms, max_batch) if batch_window_ms > 0 else None
         if self.model.cfg.mode != "text_only":
             self.predictor.encoder()  # build (and hash-check) the audio encoder now, not on the first request
 
@@ -183,18 +140,8 @@ class Engine:
         symptoms = symptoms.strip() if symptoms and symptoms.strip() else None
         meta = None
         if metadata is not None and metadata.strip():
-            if len(metadata) > MAX_METADATA_CHARS:
-                raise InputError(400, "bad_metadata", f"metadata is longer than {MAX_METADATA_CHARS} characters")
-            try:
-                meta = json.loads(metadata)  # never a path: parse_metadata would read files named *.json
-            except json.JSONDecodeError as exc:
-                raise InputError(400, "bad_metadata", f"metadata is not valid JSON: {exc.msg} "
-                                                      f"(line {exc.lineno}, column {exc.colno})") from None
-            except RecursionError:
-                raise InputError(400, "bad_metadata", "metadata JSON is nested too deeply") from None
-            if not isinstance(meta, dict):
-                raise InputError(400, "bad_metadata", f"metadata must be a JSON object, got {type(meta).__name__}")
-            try:
+            try:  # never a path: only the CLI's parse_metadata reads files named *.json
+                meta = parse_metadata_text(metadata, "metadata")  # depth-checked; huge integers read as floats
                 metadata_to_record(meta)
             except DataError as exc:
                 raise InputError(400, "bad_metadata", exc.cause) from None
@@ -203,22 +150,22 @@ class Engine:
                              "give either 'symptoms' (free text) or 'metadata' (JSON), not both")
         return symptoms, meta
 
-    def decode(self, data: bytes, filename: str | None) -> Upload:
-        """Bytes -> waveform at the front end's rate, with the size and duration limits applied."""
+    def decode(self, data: bytes, filename: str | None) -> Waveform:
+        """Bytes -> waveform at the front end's rate (the input processor), with the size and duration limits."""
         name = Path(filename or "").name[:120] or "upload"
         if not data:
             raise InputError(400, "empty_audio", f"{name}: the uploaded audio is empty (0 bytes)")
         if len(data) > self.limits.max_upload_bytes:
             raise InputError(413, "audio_too_large", f"{name}: upload exceeds {self.limits.max_upload_bytes} bytes")
-        sr = self.predictor.frontend.sr
         try:
-            wave = load_audio_bytes(data, name, sr=sr, max_seconds=self.limits.max_seconds)
+            return self.predictor.processor.waveform(data, name, max_seconds=self.limits.max_seconds)
+        except AudioContentError as exc:
+            raise InputError(422, "no_audio_content", f"{name}: {exc.cause}") from None
         except AudioDecodeError as exc:
             if "longer than max_seconds" in exc.cause:
                 raise InputError(413, "audio_too_long", f"{name}: recording is longer than the server's limit of "
                                                         f"{self.limits.max_seconds:g} s") from None
             raise InputError(400, "undecodable_audio", f"{name}: {exc.cause}") from None
-        return Upload(name=name, wave=wave, sr=sr, format=sniff_format(data[:64]) or "unknown")
 
     # ------------------------------------------------------------------ requests
     def predict(self, audio: bytes | None, filename: str | None, task: str | None, symptoms: str | None = None,
@@ -231,9 +178,12 @@ class Engine:
             raise InputError(400, "no_input", "nothing to predict from: upload 'audio' and/or give 'symptoms' or "
                                               "'metadata'")
         try:
-            with self._lock:
-                result = self.predictor.predict(audio_path=upload, symptoms=symptoms, metadata=meta,
-                                                task=task_obj.name, attribution=attribution)
+            if self.batcher is not None and not attribution:  # attribution switches the attention kernel
+                result = self.batcher.submit(self._job(upload, symptoms, meta, task_obj.name))
+            else:
+                with self._lock:
+                    result = self.predictor.predict(audio=upload, symptoms=symptoms, metadata=meta,
+                                                    task=task_obj.name, attribution=attribution)
         except AudioDecodeError as exc:
             raise InputError(400, "undecodable_audio", str(exc)) from None
         except (DataError, ConfigError) as exc:
@@ -247,9 +197,20 @@ class Engine:
                 result["spectrogram_png"] = base64.b64encode(self.spectrogram(upload)).decode("ascii")
         return result
 
-    def spectrogram(self, upload: Upload) -> bytes:
+    def _job(self, upload: Waveform | None, symptoms: str | None, meta: dict | None, task: str) -> Job:
+        """Checks, context and front end in the request's own thread; the model runs in the batch."""
+        item = self.predictor.request_item(upload, symptoms, meta, task, embed=False)
+        spec = self.predictor.processor.spectrogram(upload) if upload is not None and \
+            self.model.cfg.mode != "text_only" else None
+        return Job(item=item, spec=spec, audio_given=upload is not None, context_given=item.context is not None)
+
+    def _run_batch(self, jobs: list[Job]) -> list[dict]:
+        with self._lock:
+            return self._batched(jobs)
+
+    def spectrogram(self, upload: Waveform) -> bytes:
         try:
-            spec = upload.spectrogram(self.predictor.frontend)
+            spec = self.predictor.processor.spectrogram(upload)
         except AudioDecodeError as exc:
             raise InputError(400, "undecodable_audio", str(exc)) from None
         with self._plot_lock:
@@ -262,5 +223,5 @@ def _task_order(name: str) -> tuple:
     return (0, int(digits), name) if name[:1] == "T" and digits.isdigit() else (1, 0, name)
 
 
-__all__ = ["DEFAULT_MAX_SECONDS", "DEFAULT_MAX_UPLOAD_MB", "Engine", "InputError", "Limits", "ServePredictor",
-           "Upload", "group_words", "spectrogram_png"]
+__all__ = ["DEFAULT_MAX_SECONDS", "DEFAULT_MAX_UPLOAD_MB", "Engine", "InputError", "Limits", "group_words",
+           "spectrogram_png"]

@@ -17,9 +17,10 @@ import torch
 
 def build_tiny_model(directory: str | Path, encoder_checkpoint: str | Path, seed: int = 0) -> Path:
     """Save a tiny-llama RespiraMFM whose encoder is ``encoder_checkpoint`` (copied next to it)."""
-    from respiramfm.align.projector import ProjectorConfig, build_projector
+    from respiramfm.models.configuration import EncoderInfo, FusionConfig, ProjectorConfig
+    from respiramfm.models.projector import build_projector
     from respiramfm.encoders.registry import build_encoder, get_encoder
-    from respiramfm.fusion.model import EncoderInfo, FusionConfig, RespiraMFM
+    from respiramfm.models.fusion import RespiraMFM
 
     directory = Path(directory)
     enc = build_encoder("opera-ct", str(encoder_checkpoint))

@@ -33,12 +33,13 @@ from respiramfm.data.datasets.coswara import load_coswara
 from respiramfm.data.datasets.coughvid import load_coughvid
 from respiramfm.data.datasets.generic import load_generic
 from respiramfm.data.datasets.icbhi import load_icbhi, read_icbhi_official
+from respiramfm.data.datasets.icbhi_segments import load_icbhi_auto, load_icbhi_segments
 from respiramfm.data.datasets.kauh import load_kauh
 from respiramfm.data.datasets.ukcovid19 import load_ukcovid19
 from respiramfm.errors import ConfigError
 
 ADAPTERS: dict[str, Callable[..., AdapterResult]] = {
-    "icbhi": load_icbhi,
+    "icbhi": load_icbhi_auto,
     "kauh": load_kauh,
     "coswara": load_coswara,
     "coughvid": load_coughvid,
@@ -56,4 +57,4 @@ def get_adapter(name: str) -> Callable[..., AdapterResult]:
 
 
 __all__ = ["ADAPTERS", "AdapterResult", "get_adapter", "load_codatb", "load_coswara", "load_coughvid",
-           "load_generic", "load_icbhi", "load_kauh", "load_ukcovid19", "read_icbhi_official"]
+           "load_generic", "load_icbhi", "load_icbhi_auto", "load_icbhi_segments", "load_kauh", "load_ukcovid19", "read_icbhi_official"]

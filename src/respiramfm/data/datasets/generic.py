@@ -34,8 +34,23 @@ from respiramfm.data.splits import check_no_leakage
 from respiramfm.data.templates import render_context
 from respiramfm.errors import ConfigError, DataError
 
-MAPPABLE = ("record_id", "patient_id", "audio_path", "audio_type", "diagnosis", "age", "sex", "symptoms",
-            "medical_history", "smoker", "location", "device", "split")
+#: every Record field a CSV column can feed, with what it means (shown by ``prepare generic --help``)
+FIELD_HELP = {
+    "record_id": "unique id of the recording (default: the audio file name without suffix); prefixed with the dataset name",
+    "patient_id": "who was recorded; several recordings of one patient share it (default: the record id)",
+    "audio_path": "audio file, relative to the CSV's folder or absolute (empty: metadata-only record)",
+    "audio_type": "cough, breath, lung, vowel, ... (or --audio-type for all rows)",
+    "diagnosis": "the label text, lower-cased; --diagnosis-map renames values, --labels restricts them",
+    "age": "age in years (blank/NA/implausible -> unreported)",
+    "sex": "male/female (m/f accepted; anything else is kept in extra)",
+    "symptoms": "symptom list split on ';', ',' or '|'; 'none'/'no' means explicitly none",
+    "medical_history": "history/comorbidity list, same rules as symptoms",
+    "smoker": "yes/no (true/false, 1/0 accepted)",
+    "location": "where the recording was taken (e.g. chest position)",
+    "device": "recording device (audited as a possible shortcut by `respiramfm audit`)",
+    "split": "train/val/test (training, validation, dev, testing accepted); blank: assigned by patient",
+}
+MAPPABLE = tuple(FIELD_HELP)
 SPLITS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
           "dev": "val", "test": "test", "testing": "test", "": ""}
 _NONE_WORDS = {"none", "no", "nil", "nothing", "no symptoms", "asymptomatic"}

@@ -5,6 +5,13 @@ Layout as published::
     ROOT/AudioFiles/{B|D|E}P{n}_{diagnosis},{sound type},{location},{age},{M|F}.wav
     ROOT/Data annotation.xlsx          one row per subject n (optional, only cross-checked)
 
+The audio folder may also be named ``Audio Files`` or ``Audio Files Test`` (public copies
+of the middle 10 s of each recording), or be given with ``audio_dir``. Text after the sex
+letter (``_middle10sec``, `` - Copy``) is a file-name suffix, kept in ``extra['name_suffix']``
+and never read as part of the sex. Files whose bytes equal an earlier file (the
+publishers' "- Copy" duplicates) are reported and skipped, as is a second file for the
+same filter mode and subject.
+
 Each subject is recorded three times, once per stethoscope filter mode (B, D, E:
 bell / diaphragm / extended, names unverified), so the three files of ``P{n}`` are
 one patient, ``kauh/P{n}``: splits and cross-validation must group them.
@@ -33,16 +40,17 @@ Normalisation of the file-name fields:
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
 from respiramfm.data.datasets.common import (
-    AdapterResult, clean, index_files, parse_age, parse_sex, require_dir,
+    AdapterResult, clean, first_existing, index_files, parse_age, parse_sex, require_dir,
 )
 from respiramfm.data.records import Record
 from respiramfm.data.templates import render_context
 
-AUDIO_DIR = "AudioFiles"
+AUDIO_DIRS = ("AudioFiles", "Audio Files", "Audio Files Test")
 SHEET = "Data annotation.xlsx"
 FILTERS = {"B": "bell", "D": "diaphragm", "E": "extended"}
 
@@ -62,6 +70,8 @@ _LEVEL = {"U": "upper", "M": "middle", "L": "lower"}
 _LOCATION_FIXES = {"PLR": "PRL", "PLLR": "PLL"}
 
 NAME_RE = re.compile(r"^([BDE])P(\d+)_(.+)$", re.IGNORECASE)
+#: the sex letter, then any file-name suffix such as "_middle10sec" or " - Copy_middle10sec"
+_SEX_SUFFIX_RE = re.compile(r"^\s*([MF])((?:[\s_-].*)?)$", re.IGNORECASE)
 
 
 def normalise_diagnosis(raw: str) -> str | None:
@@ -108,8 +118,12 @@ def parse_name(stem: str) -> dict | str:
     if len(fields) != 5:
         return f"expected 5 comma-separated fields after P{num}_ (diagnosis,sound,location,age,sex), got {len(fields)}"
     diag_raw, sound_raw, loc_raw, age_raw, sex_raw = fields
+    sm = _SEX_SUFFIX_RE.match(sex_raw)
+    suffix = ""
+    if sm:
+        sex_raw, suffix = sm.group(1), sm.group(2).strip(" _-")
     return {"filter": filt, "subject": num, "diagnosis_raw": diag_raw, "sound_raw": sound_raw,
-            "location_raw": loc_raw, "age_raw": age_raw, "sex_raw": sex_raw}
+            "location_raw": loc_raw, "age_raw": age_raw, "sex_raw": sex_raw, "suffix": suffix}
 
 
 def read_sheet(path: Path) -> dict[int, dict[str, str]] | str:
@@ -133,10 +147,25 @@ def read_sheet(path: Path) -> dict[int, dict[str, str]] | str:
         wb.close()
 
 
-def load_kauh(root: str | Path, **_opts) -> AdapterResult:
-    """Records for every KAUH recording under ``ROOT/AudioFiles`` (see the module docstring)."""
+def _audio_dir(root: Path, audio_dir: str | Path | None) -> Path:
+    if audio_dir:
+        path = Path(audio_dir)
+        return require_dir(path if path.is_absolute() else root / path, "KAUH audio folder (--audio-dir)")
+    return first_existing(root, AUDIO_DIRS, "KAUH audio folder")
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_kauh(root: str | Path, audio_dir: str | Path | None = None, **_opts) -> AdapterResult:
+    """Records for every KAUH recording under the audio folder (see the module docstring)."""
     root = Path(root)
-    audio_dir = require_dir(root / AUDIO_DIR, "KAUH AudioFiles folder")
+    audio_dir = _audio_dir(root, audio_dir)
     res = AdapterResult()
     sheet_path = root / SHEET
     sheet = read_sheet(sheet_path) if sheet_path.exists() else f"{SHEET} absent; file names used alone"
@@ -148,14 +177,28 @@ def load_kauh(root: str | Path, **_opts) -> AdapterResult:
 
     def order(name: str):
         m = NAME_RE.match(name)
-        return (int(m.group(2)), m.group(1).upper()) if m else (10**9, name)
+        copy = "copy" in name.lower()
+        return (int(m.group(2)), m.group(1).upper(), copy, name) if m else (10**9, "", copy, name)
 
+    by_digest: dict[str, Path] = {}
+    by_id: dict[str, Path] = {}
     for fname in sorted(files, key=order):
         path = files[fname]
         parsed = parse_name(Path(fname).stem)
         if isinstance(parsed, str):
             res.problem(path, f"{parsed}; skipped")
             continue
+        digest = _digest(path)
+        if digest in by_digest:
+            res.problem(path, f"byte-identical to {by_digest[digest].name} (a duplicate copy); skipped")
+            continue
+        by_digest[digest] = path
+        rid = f"kauh/{parsed['filter']}P{parsed['subject']}"
+        if rid in by_id:
+            res.problem(path, f"a second recording for filter {parsed['filter']} of subject {parsed['subject']} "
+                              f"(first: {by_id[rid].name}) with different content; skipped")
+            continue
+        by_id[rid] = path
         diagnosis = normalise_diagnosis(parsed["diagnosis_raw"])
         if diagnosis is None:
             res.problem(path, f"unknown diagnosis {parsed['diagnosis_raw']!r}; skipped")
@@ -177,6 +220,8 @@ def load_kauh(root: str | Path, **_opts) -> AdapterResult:
         }
         if other:
             extra["gender_text"] = other
+        if parsed["suffix"]:
+            extra["name_suffix"] = parsed["suffix"]
         row = sheet.get(n)
         if row is not None:
             diffs = []

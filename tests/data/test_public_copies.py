@@ -182,3 +182,14 @@ def test_prepare_generic_help_lists_every_field(capsys):
     assert set(MAPPABLE) == set(FIELD_HELP)
     for name, meaning in FIELD_HELP.items():
         assert f"  {name:<16} {meaning}" in out
+
+
+def test_kauh_identical_files_with_conflicting_labels_are_both_dropped(shared_data, tmp_path):
+    first = build_kauh_middle10(shared_data, tmp_path)
+    before = {r.audio_path for r in load_kauh(tmp_path).records}
+    other = first.parent / "BP999_N,N,P L L,30,M_middle10sec.wav"   # the same bytes filed as a healthy subject
+    shutil.copy(first, other)
+    res = load_kauh(tmp_path)
+    after = {r.audio_path for r in res.records}
+    assert before - after == {str(first.resolve())} and not any("BP999" in p for p in after)
+    assert "which names another subject or diagnosis; both skipped" in "\n".join(res.problems)

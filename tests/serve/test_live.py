@@ -40,6 +40,25 @@ def _requests(recordings) -> list[dict]:
     return reqs
 
 
+
+def _start_server(model_dir, timeout: float = 100.0) -> tuple[subprocess.Popen, str]:
+    """``respiramfm serve --port 0`` in a subprocess; returns it and its base URL once Uvicorn says so."""
+    proc = subprocess.Popen([sys.executable, "-m", "respiramfm.cli", "serve", "--model", str(model_dir), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base, deadline, lines = None, time.monotonic() + timeout, []
+    while base is None and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        m = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line)
+        base = m.group(1) if m else None
+    if base is None:
+        proc.kill()
+        proc.wait(10)
+    assert base, "".join(lines)
+    return proc, base
+
 def test_twenty_concurrent_requests_match_sequential(live_server, recordings):
     url = live_server + "/predict"
     reqs = _requests(recordings)
@@ -124,18 +143,8 @@ def test_cli_errors(tmp_path, capsys):
 @pytest.mark.timeout(120)
 def test_cli_serves(model_dir, recordings):
     """``respiramfm serve --port 0`` in a subprocess: starts, answers, shuts down gracefully on SIGTERM."""
-    proc = subprocess.Popen([sys.executable, "-m", "respiramfm.cli", "serve", "--model", str(model_dir), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, base = _start_server(model_dir)
     try:
-        base, deadline, lines = None, time.monotonic() + 100, []
-        while base is None and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            m = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line)
-            base = m.group(1) if m else None
-        assert base, "".join(lines)
         status, health = get_json(base + "/health")
         assert status == 200 and health["model"].startswith("model@")
         status, body = post_form(base + "/predict", [("task", "T4"), ("symptoms", "cough")],
@@ -230,18 +239,8 @@ def test_eight_bombs_at_once_keep_server_rss_bounded(model_dir, recordings):
     from testkit.bombs import bombs
 
     payloads = bombs()
-    proc = subprocess.Popen([sys.executable, "-m", "respiramfm.cli", "serve", "--model", str(model_dir), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, base = _start_server(model_dir)
     try:
-        base, lines = None, []
-        while base is None:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            m = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line)
-            base = m.group(1) if m else None
-        assert base, "".join(lines)
         warm = post_form(base + "/predict", [("task", "T4"), ("symptoms", "cough")],
                          [("audio", "a.wav", recordings[0].read_bytes(), "audio/wav")])
         assert warm[0] == 200

@@ -9,7 +9,12 @@ thread count once, at start:
 2. else the environment variable ``RESPIRAMFM_THREADS``, when set to a positive integer;
 3. else one thread per *free* core: the cores this process may run on
    (``os.sched_getaffinity``) minus the other processes' demand, read from the one-minute
-   load average (rounded down), and at least one.
+   load average (rounded down), and at least one; then, because a load average lags (a
+   process started seconds ago barely shows), a short measurement decides: about 0.5 s of
+   fp32 matrix products with one thread and with that many threads, and the larger count is
+   kept only when it is at least ``GAIN`` (10 %) faster. On a quiet two-core machine two
+   threads measure about 1.6x one thread; with another process spinning on one core, two
+   threads measure slower than one, so the run uses one.
 
 The chosen number is applied with ``torch.set_num_threads`` for the whole run and written
 into every stage config that has a ``threads`` setting left at 0. See docs/performance.md.
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
 import torch
 
@@ -49,7 +55,37 @@ def detect_threads(cores: int | None = None, load: float | None = None) -> int:
     return max(1, min(cores, cores - math.floor(load)))
 
 
-def choose_threads(requested: int = 0) -> int:
+GAIN = 1.10
+
+
+def gemm_rate(threads: int, size: int = 384, seconds: float = 0.08) -> float:
+    """Matrix products per second with ``threads`` intra-op threads (best of three short bursts)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        a, b = torch.randn(size, size, generator=gen), torch.randn(size, size, generator=gen)
+        torch.mm(a, b)
+        best = 0.0
+        for _ in range(3):
+            start, n = time.perf_counter(), 0
+            while time.perf_counter() - start < seconds:
+                torch.mm(a, b)
+                n += 1
+            best = max(best, n / (time.perf_counter() - start))
+        return best
+    finally:
+        torch.set_num_threads(previous)
+
+
+def measured_threads(upper: int, rate=gemm_rate) -> int:
+    """``upper`` when it measures at least ``GAIN`` times one thread's rate, else 1."""
+    if upper <= 1:
+        return 1
+    return upper if rate(upper) >= GAIN * rate(1) else 1
+
+
+def choose_threads(requested: int = 0, rate=gemm_rate) -> int:
     if requested < 0:
         raise ConfigError(f"threads must be >= 0 (0 = detect), got {requested}")
     if requested:
@@ -59,7 +95,7 @@ def choose_threads(requested: int = 0) -> int:
         if not raw.isdigit() or int(raw) < 1:
             raise ConfigError(f"{ENV} must be a positive integer, got {raw!r}")
         return int(raw)
-    return detect_threads()
+    return measured_threads(detect_threads(), rate)
 
 
 def apply_threads(requested: int = 0) -> int:
@@ -69,4 +105,5 @@ def apply_threads(requested: int = 0) -> int:
     return n
 
 
-__all__ = ["ENV", "apply_threads", "choose_threads", "detect_threads", "usable_cores"]
+__all__ = ["ENV", "GAIN", "apply_threads", "choose_threads", "detect_threads", "gemm_rate", "measured_threads",
+           "usable_cores"]

@@ -8,9 +8,11 @@ Layout as published::
 The audio folder may also be named ``Audio Files`` or ``Audio Files Test`` (public copies
 of the middle 10 s of each recording), or be given with ``audio_dir``. Text after the sex
 letter (``_middle10sec``, `` - Copy``) is a file-name suffix, kept in ``extra['name_suffix']``
-and never read as part of the sex. Files whose bytes equal an earlier file (the
-publishers' "- Copy" duplicates) are reported and skipped, as is a second file for the
-same filter mode and subject.
+and never read as part of the sex. Files whose bytes equal an earlier file of the
+same subject and diagnosis (the publishers' "- Copy" duplicates, or one recording filed under
+two filter modes) are reported and skipped; when the identical file names another subject or
+diagnosis, neither label can be trusted and both files are skipped. A second, different file
+for the same filter mode and subject is reported and skipped.
 
 Each subject is recorded three times, once per stethoscope filter mode (B, D, E:
 bell / diaphragm / extended, names unverified), so the three files of ``P{n}`` are
@@ -180,7 +182,8 @@ def load_kauh(root: str | Path, audio_dir: str | Path | None = None, **_opts) ->
         copy = "copy" in name.lower()
         return (int(m.group(2)), m.group(1).upper(), copy, name) if m else (10**9, "", copy, name)
 
-    by_digest: dict[str, Path] = {}
+    by_digest: dict[str, tuple[Path, int, str]] = {}   # digest -> (first file, subject, raw diagnosis)
+    conflicting: set[Path] = set()
     by_id: dict[str, Path] = {}
     for fname in sorted(files, key=order):
         path = files[fname]
@@ -190,9 +193,15 @@ def load_kauh(root: str | Path, audio_dir: str | Path | None = None, **_opts) ->
             continue
         digest = _digest(path)
         if digest in by_digest:
-            res.problem(path, f"byte-identical to {by_digest[digest].name} (a duplicate copy); skipped")
+            first, subject, diag_raw = by_digest[digest]
+            if subject == parsed["subject"] and normalise_diagnosis(diag_raw) == normalise_diagnosis(parsed["diagnosis_raw"]):
+                res.problem(path, f"byte-identical to {first.name} (a duplicate copy); skipped")
+            else:  # one recording under two subjects or two diagnoses: neither label can be trusted
+                conflicting.add(first)
+                res.problem(path, f"byte-identical to {first.name}, which names another subject or diagnosis; "
+                                  "both skipped")
             continue
-        by_digest[digest] = path
+        by_digest[digest] = (path, parsed["subject"], parsed["diagnosis_raw"])
         rid = f"kauh/{parsed['filter']}P{parsed['subject']}"
         if rid in by_id:
             res.problem(path, f"a second recording for filter {parsed['filter']} of subject {parsed['subject']} "
@@ -246,4 +255,7 @@ def load_kauh(root: str | Path, audio_dir: str | Path | None = None, **_opts) ->
         )
         rec.context = render_context(rec)
         res.records.append(rec)
+    if conflicting:
+        kept = {str(p.resolve()) for p in conflicting}
+        res.records = [r for r in res.records if r.audio_path not in kept]
     return res

@@ -6,7 +6,7 @@ projector 768→1024→d with LayerNorm+ReLU heads. Data: ``--pairs`` training p
 plus 1,000 validation pairs; audio is a noisy linear map of text so the run learns something.
 
 "ours" is :func:`respiramfm.align.train.train_align` exactly as ``respiramfm align`` runs it
-with ``configs/align_official.yaml`` (evaluation and checkpoint every 10 epochs included).
+with ``configs/paper/align.yaml`` (evaluation and checkpoint every 10 epochs included).
 "dataloader" is the straightforward implementation — a ``Dataset`` returning one
 ``torch.tensor`` pair per item, ``DataLoader(batch_size=64, shuffle=True)``, torch's default
 Adam — timed for ``--baseline-epochs`` epochs and extrapolated to the full recipe.
@@ -40,7 +40,7 @@ from respiramfm.align.train import AlignConfig, train_align
 from respiramfm.config import load_config
 
 AUDIO_DIM = 768
-OFFICIAL = Path(__file__).resolve().parents[1] / "configs" / "align_official.yaml"
+OFFICIAL = Path(__file__).resolve().parents[1] / "configs" / "paper" / "align.yaml"
 
 
 def synth(n: int, d_text: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -28,7 +28,9 @@ def test_quick_demo_end_to_end(tmp_path, capsys, smollm2):
     tasks = {r["task"] for r in results["rows"]}
     assert {f"SIM-T{i}" for i in range(1, 10)} <= tasks
     # the finetune stage's run is reused by the evaluation (no second training of seed 0)
-    assert (out / "finetune" / "seed0" / "model").is_dir() and not (out / "evaluate" / "work" / "respiramfm").exists()
+    work = out / "evaluate" / "work" / "respiramfm"  # holds only each unit's budget record, no training run
+    assert (out / "finetune" / "seed0" / "model").is_dir()
+    assert sorted(p.relative_to(work).as_posix() for p in work.rglob("*") if p.is_file()) == ["seed0/budget.json"]
 
     # The saved model answers right away, through the same encoder the demo embedded with.
     from respiramfm.data.records import read_manifest

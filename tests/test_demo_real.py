@@ -124,7 +124,8 @@ def test_real_data_demo_end_to_end(tmp_path, publisher_tree, opera_fixtures, cap
     t7 = next(r for r in results["rows"] if r["task"] == "T7" and r["system"] == "respiramfm")
     assert (t7["n"], t7["n_pos"]) == (15, 5)  # 5 COPD + 10 healthy; the comorbid subject is in neither class
     # the evaluation reused the finetune stage's run for seed 0 instead of training again
-    assert not (out / "evaluate" / "work" / "respiramfm").exists()
+    work = out / "evaluate" / "work" / "respiramfm"  # holds only the unit's budget record, no training run
+    assert sorted(p.relative_to(work).as_posix() for p in work.rglob("*") if p.is_file()) == ["seed0/budget.json"]
 
 
 def test_real_data_needs_an_opera_checkpoint_and_usable_datasets(tmp_path, publisher_tree, opera_fixtures):

@@ -28,7 +28,7 @@ def test_demo_flags_pick_and_fill_the_simulated_preset():
     assert full.preset == "simulated" and full.out == "runs/demo" and full.evaluate.seeds == [0, 1]
     assert full.evaluate.systems == presets.SYSTEMS and full.evaluate.data_efficiency == "bts_frozen"
     assert full.finetune.model.backbone == "smollm2-135m" and full.finetune.model.num_layers == 4
-    assert full.finetune.precision == "bf16" and full.finetune.model.order == ["audio", "prompt", "context"]
+    assert full.finetune.precision == "auto" and full.finetune.model.order == ["audio", "prompt", "context"]
     assert full.encoder.name == "logmel-stats" and not full.encoder.pretrain
     quick = demo.config_from_args(_args("--quick", "--out", "x", "--llm-layers", "0", "--pretrain-encoder",
                                         "--set", "finetune.epochs=1", "--set", "evaluate.seeds=[3]"))
@@ -98,3 +98,66 @@ def test_measured_threads_keep_more_only_when_they_are_faster(monkeypatch):
     # the real measurement returns a positive rate and leaves torch's setting as it was
     before = torch.get_num_threads()
     assert gemm_rate(1, size=64, seconds=0.01) > 0 and torch.get_num_threads() == before
+
+
+def test_every_seed_aligns_and_the_pipeline_projector_serves_the_first_seed(tmp_path):
+    import shutil
+
+    from testkit.finetune_synth import make_synth
+
+    from respiramfm.pipeline.recipe import align_config, evaluate_config, finetune_config
+    from respiramfm.pipeline.stages import Inputs
+
+    synth = make_synth(tmp_path / "synth")
+    lay = PipelineLayout(tmp_path / "run")
+    shutil.copytree(synth.store, lay.audio)
+    lay.text.mkdir(parents=True)
+    cfg = presets.simulated(quick=False, out=str(lay.root))
+    cfg.align.seed = 7  # per seed, the pipeline's own stage 1 is the first seed's, seeded with it
+    inputs = Inputs(synth.manifest, [str(synth.tasks)], ["FT-A", "FT-B"], ["FT-A", "FT-B", "FT-Z"])
+    acfg = align_config(cfg, lay, inputs.manifest, 1, inputs.task_files, inputs.evaluated)
+    assert acfg.seed == cfg.evaluate.seeds[0] == 0 and acfg.out_dir == str(lay.align)
+    assert acfg.task_files == [str(synth.tasks)] and acfg.manifest == str(synth.manifest)
+    ecfg = evaluate_config(cfg, lay, inputs, finetune_config(cfg, lay, inputs, 1), "", acfg)
+    assert ecfg.stage1_per_seed and ecfg.seeds == [0, 1]
+    assert ecfg.seed_projectors == {0: str(lay.align)}  # seed 0 is not aligned twice; seed 1 aligns in evaluate
+    assert ecfg.align.epochs == cfg.align.epochs and ecfg.align.text_store == str(lay.text)
+    cfg.evaluate.stage1_per_seed = False  # the old protocol on request: one projector for every seed
+    ecfg = evaluate_config(cfg, lay, inputs, finetune_config(cfg, lay, inputs, 1), "")
+    assert not ecfg.stage1_per_seed and not ecfg.seed_projectors and ecfg.projector == str(lay.align)
+
+
+def test_a_pipeline_that_pretrains_its_encoder_pretrains_and_embeds_once_per_seed(tmp_path):
+    from respiramfm.pipeline.recipe import audio_encoder, seed_encoders
+    from respiramfm.pipeline.stages import Inputs
+
+    cfg = presets.simulated(quick=False, pretrain_encoder=True, out=str(tmp_path))
+    cfg.evaluate.seeds = [0, 1, 2]
+    lay = PipelineLayout(tmp_path)
+    calls = []
+
+    def stage(name, fn, *args, **kw):  # records what the recipe would run
+        calls.append((name, fn, args, kw))
+        return ("opera-ct", f"ckpt-{args[-1]}") if fn is audio_encoder else None
+
+    inputs = Inputs(tmp_path / "m.csv", [], [], [])
+    stores = seed_encoders(cfg, lay, inputs, 1, stage)
+    assert stores == {1: [str(lay.seed_audio(1))], 2: [str(lay.seed_audio(2))]}
+    assert [c[0] for c in calls] == ["pretrain-audio seed1", "embed seed1", "pretrain-audio seed2", "embed seed2"]
+    assert calls[1][2][1] == lay.seed_audio(1) and calls[1][3]["checkpoint"] == "ckpt-1"
+    cfg.encoder.pretrain = False  # a fixed encoder is not retrained
+    assert seed_encoders(cfg, lay, inputs, 1, stage) == {}
+
+
+def test_each_seed_pretrains_its_encoder_with_its_own_seed(tmp_path, monkeypatch):
+    from respiramfm.pipeline import recipe
+    from respiramfm.pipeline.stages import Inputs
+
+    seen = []
+    monkeypatch.setattr(recipe, "pretrain", lambda pcfg, resume: seen.append((pcfg.seed, pcfg.out_dir)) or "w")
+    cfg = presets.simulated(quick=True, pretrain_encoder=True, out=str(tmp_path))
+    lay = PipelineLayout(tmp_path)
+    inputs = Inputs(tmp_path / "m.csv", [], [], [])
+    recipe.audio_encoder(cfg, lay, inputs, 1)
+    recipe.audio_encoder(cfg, lay, inputs, 1, seed=1)
+    assert seen == [(cfg.pretrain.seed, str(lay.encoder)), (cfg.pretrain.seed + 1, str(lay.seed_encoder(1)))]

@@ -7,6 +7,12 @@ YAML value syntax of any shape (``epochs=5``, ``text_space=input``, ``tasks=[T1,
 ``systems_options={respllm: {epochs: 2}}``). A mapping value is merged into the mapping
 it overrides (keys it does not name keep their values). Unknown keys are errors, never
 silently ignored.
+
+Where a config file is expected, a settings preset may be named instead
+(:func:`resolve_config`): ``--config paper`` reads ``configs/paper/<stage>.yaml`` (the paper's
+and published code's settings), ``--config cpu`` ``configs/cpu/<stage>.yaml`` (sized for a
+2-core CPU, the demo's) and ``--config ours`` ``configs/<stage>.yaml`` (our recommended
+settings). ``configs/`` is looked up in the working directory first, then in the source checkout.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -25,6 +32,16 @@ from respiramfm.errors import ConfigError
 from respiramfm.utils.io import atomic_write_text
 
 T = TypeVar("T")
+
+SOURCE_CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # the source checkout's configs/
+OURS = "ours"  # the settings preset of configs/<stage>.yaml (our recommended settings)
+# The YAML file (configs/[NAME/]<stage>.yaml) each config class reads when a preset is named.
+STAGE_FILES = {"AlignConfig": "align", "FinetuneConfig": "finetune", "EvaluateConfig": "evaluate",
+               "PretrainConfig": "pretrain_audio"}
+# Sections a stage's YAML may leave out, then read from the sibling file of another stage: an
+# evaluate.yaml without ``finetune:`` (``align:``) uses the finetune.yaml (align.yaml) beside it: one copy.
+SIBLING_SECTIONS = {"evaluate": {"finetune": "finetune", "align": "align"}}
+_PRESET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -165,22 +182,87 @@ class _OverrideAction(argparse.Action):
         setattr(namespace, self.dest, items)
 
 
-def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] | None = None) -> T:
-    """Defaults of ``cls``, updated by the YAML file at ``path``, updated by ``overrides``."""
+def config_dirs() -> list[Path]:
+    """Where ``configs/`` is looked up: the working directory's, then the source checkout's."""
+    dirs = [Path.cwd() / "configs", SOURCE_CONFIGS]
+    return [d for i, d in enumerate(dirs) if d.is_dir() and d.resolve() not in {x.resolve() for x in dirs[:i]}]
+
+
+def find_config(name: str) -> Path | None:
+    """``configs/NAME`` (e.g. ``paper/finetune.yaml``) from :func:`config_dirs`; ``None`` when absent."""
+    for base in config_dirs():
+        if (base / name).is_file():
+            return base / name
+    return None
+
+
+def preset_names() -> list[str]:
+    """The shipped settings presets: ``ours`` and every folder of ``configs/`` (``paper``, ``cpu``, ...)."""
+    names = {OURS}
+    for base in config_dirs():
+        names.update(d.name for d in base.iterdir() if d.is_dir() and _PRESET_NAME.match(d.name))
+    return sorted(names)
+
+
+def resolve_config(value: str | os.PathLike | None, stage: str) -> Path | None:
+    """The YAML file that ``--config VALUE`` means for ``stage`` (align, finetune, evaluate, ...).
+
+    An existing file wins. Otherwise a bare name (no folder, no ``.yaml``) is a settings preset:
+    ``ours`` is ``configs/<stage>.yaml``, any other NAME is ``configs/NAME/<stage>.yaml``. A named
+    preset without that file is a :class:`ConfigError` listing the presets; anything else is
+    returned as a path (and reading it reports the missing file).
+    """
+    if value is None or str(value) == "":
+        return None
+    path = Path(value)
+    name = str(value)
+    if path.is_file() or not _PRESET_NAME.match(name):
+        return path
+    rel = f"{stage}.yaml" if name == OURS else f"{name}/{stage}.yaml"
+    found = find_config(rel)
+    if found is not None:
+        return found
+    names = preset_names()
+    where = " or ".join(str(d) for d in config_dirs()) or f"{SOURCE_CONFIGS} (missing)"
+    if name in names:
+        raise ConfigError(f"settings preset {name!r} has no {stage} settings: configs/{rel} not found in {where}")
+    raise ConfigError(f"{name!r} is neither a config file nor a settings preset; presets: {', '.join(names)} "
+                      f"(configs/NAME/{stage}.yaml in {where})")
+
+
+def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] | None = None,
+                stage: str | None = None) -> T:
+    """Defaults of ``cls``, updated by the YAML file at ``path``, updated by ``overrides``.
+
+    ``path`` may name a settings preset (``paper``, ``cpu``, ``ours``): see :func:`resolve_config`;
+    ``stage`` defaults to the class's entry in :data:`STAGE_FILES` (no entry: ``path`` is a file).
+    """
     data = to_dict(cls())
+    stage = stage or STAGE_FILES.get(cls.__name__)
+    if path is not None and stage:
+        path = resolve_config(path, stage)
     if path is not None:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                loaded = yaml.safe_load(fh) or {}
-        except OSError as exc:
-            raise ConfigError(f"cannot read config: {exc.strerror}", path=path) from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"invalid YAML: {exc}", path=path) from None
-        if not isinstance(loaded, dict):
-            raise ConfigError("config file must hold a mapping", path=path)
+        loaded = _read_mapping(path)
+        for section, other in SIBLING_SECTIONS.get(stage or "", {}).items():
+            sibling = Path(path).parent / f"{other}.yaml"
+            if section not in loaded and isinstance(data.get(section), dict) and sibling.is_file():
+                _deep_update(data[section], _read_mapping(sibling))
         _deep_update(data, loaded)
     apply_overrides(data, overrides)
     return from_dict(cls, data, where=str(path) if path else cls.__name__)
+
+
+def _read_mapping(path: str | os.PathLike) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            loaded = yaml.safe_load(fh) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config: {exc.strerror}", path=path) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML: {exc}", path=path) from None
+    if not isinstance(loaded, dict):
+        raise ConfigError("config file must hold a mapping", path=path)
+    return loaded
 
 
 def _deep_update(base: dict, new: dict) -> None:
@@ -200,7 +282,8 @@ def add_config_arguments(parser, config_help: str, example: str) -> None:
 
     Parsed values land in ``args.config`` and ``args.overrides`` (for :func:`load_config`).
     """
-    parser.add_argument("--config", help=config_help)
+    parser.add_argument("--config", help=f"{config_help}; or a settings preset by name: "
+                        f"{', '.join(preset_names())} (configs/NAME/<stage>.yaml; ours = configs/<stage>.yaml)")
     parser.add_argument("--set", dest="overrides", action=_OverrideAction, nargs="+", default=[],
                         metavar="KEY=VALUE",
                         help=f"override a config key (dotted, YAML value of any shape; a mapping merges), e.g. {example}")

@@ -1,29 +1,37 @@
 """`respiramfm demo` (what `make demo` runs): the whole pipeline end to end, offline.
 
-A thin command line over the pipeline recipe (:mod:`respiramfm.pipeline`): the flags pick a
-preset and fill it, ``--set KEY=VALUE`` then changes any setting of the typed
+A thin command line over the pipeline recipe (:mod:`respiramfm.pipeline`): ``--preset`` picks a
+pipeline preset (where the data come from), ``--settings`` the stage settings it trains with,
+the other flags fill them, ``--set KEY=VALUE`` then changes any setting of the typed
 :class:`~respiramfm.pipeline.config.PipelineConfig` (``--set finetune.epochs=1``,
 ``--set evaluate.seeds=[0]``), and ``--config FILE`` starts from a pipeline YAML instead
 (e.g. a run's own ``OUT/pipeline.yaml``).
 
-* default: the SIMULATED cohort -> ``logmel-stats`` embeddings -> SmolLM2 text targets ->
-  stage 1 -> stage 2 -> the T1-T9 protocol with every baseline over two seeds, the BTS-style
-  data-efficiency curve and ``OUT/report.html`` (``--quick``: one seed, four systems);
-* ``--data-root DIR --opera-checkpoint FILE``: the paper's T1-T9 on real datasets.
+* default (``--preset simulated``): the SIMULATED cohort -> ``logmel-stats`` embeddings -> SmolLM2
+  text targets -> stage 1 -> stage 2 -> the T1-T9 protocol with every baseline over two seeds,
+  the BTS-style data-efficiency curve and ``OUT/report.html`` (``--quick``: one seed, four
+  systems), with the ``cpu`` settings (configs/cpu/: stage 1 with the symmetric CLIP loss and a
+  learnable temperature, stage 2 on SmolLM2's first 4 layers in bf16, input order
+  [audio | prompt | context]);
+* ``--data-root DIR --opera-checkpoint FILE`` (``--preset real``): the paper's T1-T9 on real
+  datasets with the ``paper`` settings (configs/paper/: one-way InfoNCE at a fixed temperature
+  0.07, Phi-2, [prompt | context | audio]).
 
-Every stage resumes: the same command run again after an interruption finishes the run and
-writes the same report.
+``--settings paper|cpu|ours`` (ours = configs/{align,finetune,evaluate}.yaml) replaces a
+preset's settings; docs/settings.md lists how the three differ. Every stage resumes: the same
+command run again after an interruption finishes the run and writes the same report.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from respiramfm.config import apply_overrides, from_dict, load_config, to_dict
+from respiramfm.config import apply_overrides, from_dict, load_config, preset_names, to_dict
 from respiramfm.errors import ConfigError
 from respiramfm.pipeline import presets
 from respiramfm.pipeline.config import PipelineConfig
 from respiramfm.pipeline.recipe import run_pipeline
+from respiramfm.pipeline.real_lung import run_real_lung  # also registers the real-lung preset
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,10 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="smaller cohort and shorter training")
     parser.add_argument("--seed", type=int, default=0, help="cohort seed (split seed with --data-root)")
     parser.add_argument("--backbone", default=None,
-                        help="LLM of both stages (default: the offline SmolLM2; phi-2 with --data-root)")
+                        help="LLM of both stages (default: the settings': SmolLM2 with cpu and ours, phi-2 with paper)")
     parser.add_argument("--llm-layers", type=int, default=None,
-                        help="keep the LLM's first N decoder layers in both stages (default 4 on the simulated "
-                             "cohort, 0 = all; all with --data-root)")
+                        help="keep the LLM's first N decoder layers in both stages (0 = all; default: the "
+                             "settings': 4 with cpu, all with paper and ours)")
     parser.add_argument("--opera-checkpoint", default=None, help="embed with this OPERA-CT checkpoint")
     parser.add_argument("--pretrain-encoder", action="store_true",
                         help="pretrain a tiny HTS-AT OPERA-style on the cohort instead of the logmel-stats encoder")
@@ -43,8 +51,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "'respiramfm' retrains stage 2 per fraction: about 3 more minutes)")
     parser.add_argument("--data-root", default=None,
                         help="real datasets laid out as published (icbhi/, kauh/, ...): the paper's T1-T9")
+    parser.add_argument("--preset", default=None, metavar="NAME",
+                        help="pipeline preset: " + "; ".join(f"{p.name} = {p.help}, settings {p.settings}"
+                                                             for p in presets.PIPELINE_PRESETS.values())
+                        + " (default: real with --data-root, else simulated)")
+    parser.add_argument("--settings", default=None, metavar="NAME",
+                        help=f"stage settings preset: {', '.join(preset_names())} (configs/NAME/; ours = "
+                             "configs/{align,finetune,evaluate}.yaml; docs/settings.md); default: the preset's")
     parser.add_argument("--finetune-config", default=None,
-                        help="stage-2 YAML of the real-data run (default configs/finetune.yaml)")
+                        help="a stage-2 YAML replacing the settings' finetune.yaml")
     parser.add_argument("--config", default=None, help="a pipeline YAML (e.g. OUT/pipeline.yaml) instead of a preset")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a pipeline setting (dotted, YAML value), e.g. --set finetune.epochs=1")
@@ -56,22 +71,20 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         raise ConfigError(f"--llm-layers must be >= 0, got {args.llm_layers}")
     if args.config:
         return load_config(PipelineConfig, args.config, args.overrides)
-    if args.data_root:
-        cfg = presets.real(args.data_root, args.opera_checkpoint, quick=args.quick, seed=args.seed,
-                           backbone=args.backbone, llm_layers=args.llm_layers,
-                           finetune_config=args.finetune_config, out=args.out)
-    else:
-        cfg = presets.simulated(quick=args.quick, seed=args.seed, backbone=args.backbone,
-                                llm_layers=args.llm_layers, efficiency=args.efficiency,
-                                pretrain_encoder=args.pretrain_encoder, opera_checkpoint=args.opera_checkpoint,
-                                out=args.out)
+    name = args.preset or ("real" if args.data_root else "simulated")
+    options = presets.PresetOptions(
+        out=args.out, quick=args.quick, seed=args.seed, settings=args.settings, backbone=args.backbone,
+        llm_layers=args.llm_layers, finetune_config=args.finetune_config, data_root=args.data_root,
+        opera_checkpoint=args.opera_checkpoint, pretrain_encoder=args.pretrain_encoder, efficiency=args.efficiency)
+    cfg = presets.build(name, options)
     if not args.overrides:
         return cfg
     return from_dict(PipelineConfig, apply_overrides(to_dict(cfg), args.overrides), where="--set")
 
 
 def run(args: argparse.Namespace) -> int:
-    run_pipeline(config_from_args(args))
+    cfg = config_from_args(args)
+    (run_real_lung if cfg.preset == "real-lung" else run_pipeline)(cfg)
     return 0
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from respiramfm.align.data import load_align_data
 from respiramfm.align.train import AlignConfig, train_align
+from respiramfm.data.roles import run_tasks
 
 KEYS = ("r1", "r5", "mrr", "val_loss", "chance_r1", "chance_r5", "alignment", "uniformity")
 
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     stores = dict(item.split("=", 1) for item in args.text)
     results = []
     for space, store in stores.items():
-        data = load_align_data(args.manifest, args.audio, store)
+        tasks = run_tasks([str(Path(args.manifest).parent / "tasks.yaml")])  # the cohort's SIM-T1..T9
+        data = load_align_data(args.manifest, args.audio, store, tasks=tasks)
         for final, loss in itertools.product(args.finals.split(","), args.losses.split(",")):
             runs = []
             for seed in range(args.seeds):

@@ -27,11 +27,23 @@ CONFIG = ROOT / "configs" / "align.yaml"
 def _args(stores, out_dir, *extra, manifest=None, audio=None, text=None):
     sets = [f"manifest={manifest or stores.manifest}", f"audio_store={audio or stores.audio_store}",
             f"text_store={text or stores.text_store}", f"out_dir={out_dir}", f"projector.in_dim={stores.audio_dim}",
-            "progress=false", "figure=false", "threads=1", "projector.hidden=64", *extra]
+            "progress=false", "figure=false", "threads=1", "projector.hidden=64",
+            f"task_files=[{stores.manifest.parent / 'tasks.yaml'}]", *extra]
     out = ["align", "--config", str(CONFIG)]
     for s in sets:
         out += ["--set", s]
     return out
+
+
+def test_cli_infers_both_widths_from_the_stores(sim_stores, tmp_path):
+    """No ``projector.in_dim``/``out_dim`` given: the projector takes the audio and text stores' widths."""
+    full = _args(sim_stores, tmp_path / "w", "epochs=1")
+    at = full.index(f"projector.in_dim={sim_stores.audio_dim}")
+    args = full[:at - 1] + full[at + 1:]  # drop that --set and its value
+    assert not any(a.startswith("projector.in_dim") for a in args) and len(args) == len(full) - 2
+    assert main(args) == 0
+    _, cfg = load_projector(tmp_path / "w")
+    assert (cfg.in_dim, cfg.out_dim) == (sim_stores.audio_dim, sim_stores.text_dim) and cfg.in_dim != 768
 
 
 def _same_projector(a: Path, b: Path) -> None:

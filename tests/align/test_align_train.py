@@ -133,9 +133,9 @@ def test_config_file_and_overrides(tmp_path):
 
 
 def test_official_preset_is_the_released_recipe():
-    cfg = load_config(AlignConfig, ROOT / "configs" / "align_official.yaml").validate()
+    cfg = load_config(AlignConfig, ROOT / "configs" / "paper" / "align.yaml").validate()
     assert (cfg.loss, cfg.tau, cfg.batch_size, cfg.lr, cfg.optimizer, cfg.epochs, cfg.weight_decay) == \
         ("infonce", 0.07, 64, 1e-3, "adam", 500, 0.0)
     p = cfg.projector
-    assert (p.kind, p.in_dim, p.hidden, p.dropout, p.final) == ("mlp", 768, 1024, 0.1, "official")
+    assert (p.kind, p.in_dim, p.hidden, p.dropout, p.final) == ("mlp", None, 1024, 0.1, "official")  # None: the store's
     assert cfg.select_metric == "last" and cfg.patience == 0

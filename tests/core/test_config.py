@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from respiramfm.config import from_dict, load_config, save_config, to_dict
+from respiramfm.config import from_dict, load_config, preset_names, resolve_config, save_config, to_dict
 from respiramfm.errors import ConfigError
 
 
@@ -83,14 +83,85 @@ def _config_class(stem: str):
     raise AssertionError(f"configs/{stem}.yaml has no known config class")
 
 
-CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = sorted(CONFIG_ROOT.rglob("*.yaml"))
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(CONFIG_ROOT)))
 def test_every_shipped_config_loads_into_its_dataclass(path, tmp_path):
-    """Every key of every shipped YAML is a real field (a typo would raise), and the file round-trips."""
+    """Every key of every shipped YAML (presets in configs/NAME/ too) is a real field, and the file round-trips."""
     cls = _config_class(path.stem)
     cfg = load_config(cls, path)
     save_config(cfg, tmp_path / "again.yaml")
     assert load_config(cls, tmp_path / "again.yaml") == cfg
-    assert len(CONFIGS) >= 7
+    assert {p.parent.name for p in CONFIGS} >= {"configs", "paper", "cpu"} and len(CONFIGS) >= 10
+
+
+# --- settings presets by name (respiramfm.config.resolve_config) ---
+
+@dataclass
+class Stage:
+    epochs: int = 1
+    lr: float = 0.1
+
+
+def _tree(root: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
+def test_a_preset_name_resolves_to_its_stage_file_from_the_working_directory(tmp_path, monkeypatch):
+    _tree(tmp_path, {"configs/fast/stage.yaml": "epochs: 3\n", "configs/stage.yaml": "epochs: 5\n"})
+    monkeypatch.chdir(tmp_path)
+    assert resolve_config("fast", "stage") == tmp_path / "configs" / "fast" / "stage.yaml"
+    assert load_config(Stage, "fast", ["lr=0.5"], stage="stage") == Stage(epochs=3, lr=0.5)
+    assert load_config(Stage, "ours", stage="stage").epochs == 5          # ours = configs/<stage>.yaml
+    assert {"fast", "ours"} <= set(preset_names())
+    (tmp_path / "fast").write_text("epochs: 9\n")                         # an existing file wins over a name
+    assert load_config(Stage, "fast", stage="stage").epochs == 9
+    assert load_config(Stage, None, stage="stage") == Stage()
+
+
+def test_a_bad_preset_name_is_a_config_error_listing_the_presets(tmp_path, monkeypatch):
+    _tree(tmp_path, {"configs/fast/other.yaml": "epochs: 3\n"})
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="'fast' has no stage settings"):
+        load_config(Stage, "fast", stage="stage")
+    with pytest.raises(ConfigError, match=r"neither a config file nor a settings preset; presets: .*fast"):
+        load_config(Stage, "fsat", stage="stage")
+    with pytest.raises(ConfigError, match="cannot read config"):  # a path is read as a path
+        load_config(Stage, "configs/fast/stage.yaml", stage="stage")
+
+
+def test_shipped_presets_load_by_name_from_any_directory(tmp_path, monkeypatch):
+    from respiramfm.align.train import AlignConfig
+    from respiramfm.evaluate.config import EvaluateConfig
+    from respiramfm.fusion.train_config import FinetuneConfig
+
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the source checkout's are used
+    for name in ("paper", "cpu", "ours"):
+        for cls, stage in ((AlignConfig, "align"), (FinetuneConfig, "finetune"), (EvaluateConfig, "evaluate")):
+            want = CONFIG_ROOT / (f"{stage}.yaml" if name == "ours" else f"{name}/{stage}.yaml")
+            assert resolve_config(name, stage) == want
+            assert load_config(cls, name) == load_config(cls, want)
+    assert load_config(FinetuneConfig, "paper").optim.lr == 1e-5 and load_config(FinetuneConfig, "cpu").precision == "auto"
+
+
+def test_an_evaluate_file_without_a_finetune_section_uses_the_finetune_file_beside_it(tmp_path):
+    from respiramfm.evaluate.config import EvaluateConfig
+    from respiramfm.fusion.train_config import FinetuneConfig
+
+    _tree(tmp_path, {"p/finetune.yaml": "epochs: 7\noptim: {lr: 0.002}\n", "p/evaluate.yaml": "seeds: [4]\n",
+                     "q/finetune.yaml": "epochs: 7\n", "q/evaluate.yaml": "finetune: {epochs: 2}\n"})
+    ev = load_config(EvaluateConfig, tmp_path / "p" / "evaluate.yaml")
+    assert ev.seeds == [4] and ev.finetune == load_config(FinetuneConfig, tmp_path / "p" / "finetune.yaml")
+    assert load_config(EvaluateConfig, tmp_path / "q" / "evaluate.yaml").finetune.epochs == 2  # its own section wins
+    from respiramfm.evaluate.budget import budget_of, unit_budget
+
+    for name in ("paper", "cpu"):  # so these presets' RespiraMFM training is their stage-2 file, one copy
+        assert load_config(EvaluateConfig, name).finetune == load_config(FinetuneConfig, name)
+    for name in ("paper", "cpu", "ours"):  # and every trained system of each preset gets that stage 2's budget
+        ev, budget = load_config(EvaluateConfig, name), to_dict(budget_of(load_config(FinetuneConfig, name)))
+        assert all(to_dict(unit_budget(ev, system).budget) == budget for system in ev.systems), name

@@ -17,8 +17,8 @@ from respiramfm.evaluate.data import load_eval_data  # noqa: E402
 from respiramfm.evaluate.registry import describe, get_system  # noqa: E402
 
 TINY = {"model.backbone": "tiny-llama", "model.tiny": {"hidden_size": 64, "num_layers": 2, "heads": 4},
-        "model.lora.r": 4, "model.lora.alpha": 8, "model.lora.dropout": 0.0, "optim.lr": 0.003,
-        "optim.weight_decay": 0.0, "batch_size": 4, "epochs": 1, "threads": 1}
+        "model.lora.r": 4, "model.lora.alpha": 8, "model.lora.dropout": 0.0, "threads": 1,
+        "budget": {"optim": {"lr": 0.003, "weight_decay": 0.0}, "batch_size": 4, "epochs": 1}}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,8 +30,10 @@ def eval_data(s):
 
 
 def test_all_systems_registered_with_the_protocol():
-    for name in ("respllm", "no_alignment", "bts_frozen", "audio_only", "text_only", "missing_text", "qwen2_audio"):
+    for name in ("respllm", "no_alignment", "no_alignment_linear", "bts_frozen", "audio_only", "text_only",
+                 "missing_text", "qwen2_audio"):
         assert callable(get_system(name))
+    assert "linear" in describe("no_alignment_linear") and "paper" in describe("no_alignment_linear")
     assert "CLAP" in describe("bts_frozen") and "frozen" in describe("bts_frozen")
     assert describe("bts_frozen") == baselines.BTS_LABEL
 

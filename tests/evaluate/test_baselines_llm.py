@@ -13,10 +13,17 @@ from respiramfm.evaluate.registry import get_system  # noqa: E402
 from respiramfm.errors import ConfigError  # noqa: E402
 from respiramfm.evaluate.baselines_llm import EndToEndConfig, build_respllm, train_end_to_end  # noqa: E402
 from respiramfm.models.configuration import FusionConfig  # noqa: E402
+from respiramfm.training.config import Budget, OptimConfig  # noqa: E402
 
 TINY = {"model.backbone": "tiny-llama", "model.tiny": {"hidden_size": 64, "num_layers": 2, "heads": 4},
         "model.lora.r": 4, "model.lora.alpha": 8, "model.lora.dropout": 0.0}
-E2E = {"lr": 0.003, "batch_size": 8, "epochs": 2, "patience": 0, "mixing": "concat"}
+E2E = {"optim": {"lr": 0.003, "weight_decay": 0.0, "schedule": "constant"}, "batch_size": 8, "epochs": 2,
+       "patience": 0, "mixing": "concat", "select_metric": "val_mean_auroc", "select_mode": "max"}
+
+
+def budget(**kw) -> Budget:
+    tree = {**E2E, **kw}
+    return Budget(**{**tree, "optim": OptimConfig(**tree["optim"])})
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,19 +40,22 @@ def tiny_cfg(**kw) -> FusionConfig:
     return FusionConfig(backbone="tiny-llama", tiny={"hidden_size": 64, "num_layers": 2, "heads": 4}, **kw)
 
 
-def test_flatten_head_reads_first_channels_of_last_positions_channel_major():
+def test_flatten_head_reads_first_channels_of_the_audio_positions_channel_major():
     model = build_respllm(tiny_cfg(n_audio_tokens=4), in_dim=IN_DIM, head="flatten", d_ff=3)
     assert model.head.in_features == 3 * 4 and model.head.out_features == 2
     hidden = torch.arange(2 * 7 * 64, dtype=torch.float32).reshape(2, 7, 64)
-    last = torch.tensor([6, 4])  # second row: right-padded, real tokens end at 4
-    feats = model.flatten_features(hidden, last)
+    audio = torch.zeros(2, 7, dtype=torch.bool)
+    audio[0, 3:7] = True  # audio last
+    audio[1, 0:4] = True  # audio first
+    feats = model.flatten_features(hidden, audio)
     assert feats.shape == (2, 12)
-    for b, end in enumerate(last.tolist()):
+    for b, start in enumerate((3, 0)):
         for c in range(3):
             for p in range(4):
-                assert feats[b, c * 4 + p] == hidden[b, end - 3 + p, c]
-    with pytest.raises(Exception, match="shorter"):
-        model.flatten_features(hidden, torch.tensor([2, 6]))
+                assert feats[b, c * 4 + p] == hidden[b, start + p, c]
+    audio[1, 0] = False
+    with pytest.raises(Exception, match="audio positions"):
+        model.flatten_features(hidden, audio)
     one = build_respllm(tiny_cfg(), in_dim=IN_DIM, head="flatten")
     assert one.head.in_features == 32 and one.cfg.prompt_style == "respllm"
     assert all(p.requires_grad for p in one.projector.parameters())
@@ -62,7 +72,7 @@ def test_respllm_selects_a_trained_state_whose_projector_moved(synth):
     data = _fdata(synth)
     model = build_respllm(tiny_cfg(), in_dim=IN_DIM, head="flatten", seed=1, tasks=data.tasks)
     before = {n: p.detach().clone() for n, p in model.projector.named_parameters()}
-    result = train_end_to_end(model, data, EndToEndConfig(**E2E))
+    result = train_end_to_end(model, data, budget())
     assert result["steps"] > 0 and result["selected_on"] == "validation"
     assert [r["epoch"] for r in result["evals"]] == [0, 1, 2]  # untrained candidate + one per epoch, val only
     assert all(r["n_val"] == len(data.val) for r in result["evals"])
@@ -97,11 +107,11 @@ def test_gradient_reaches_respllm_projector_but_not_respiramfm_projector(synth):
     assert all(torch.equal(before[n], p) for n, p in model.projector.named_parameters())
 
 
-@pytest.mark.parametrize("name", ["respllm", "no_alignment"])
+@pytest.mark.parametrize("name", ["respllm", "no_alignment", "no_alignment_linear"])
 def test_systems_predict_every_test_record_and_ignore_test_data(tmp_path, name):
     a = make_synth(tmp_path / "a")
     b = make_synth(tmp_path / "b", flip_test=True, extra_test=3)  # same train/val, different test
-    opts = {**TINY, "e2e": {**E2E, "epochs": 1}, "projector_hidden": 32}
+    opts = {**TINY, "budget": {**E2E, "epochs": 1}, "projector_hidden": 32}
     fn = get_system(name)
     pa = fn(eval_data(a), 0, tmp_path / "wa", opts)
     pb = fn(eval_data(b), 0, tmp_path / "wb", opts)
@@ -142,7 +152,7 @@ def test_respllm_on_a_token_grid_store_with_flatten_head(synth, tmp_path):
     data = load_finetune_data([str(synth.manifest)], [str(tmp_path / "tokens")], [], [str(synth.tasks)])
     assert data.train.audio.shape[1:] == (4, IN_DIM)
     model = build_respllm(tiny_cfg(n_audio_tokens=4), in_dim=IN_DIM, head="flatten", d_ff=8, tasks=data.tasks)
-    result = train_end_to_end(model, data, EndToEndConfig(**{**E2E, "epochs": 1}))
+    result = train_end_to_end(model, data, budget(epochs=1))
     assert result["steps"] > 0
     probs = predict_prepared(model, prepare_raw(model, data.val))
     assert probs.shape == (len(data.val),) and ((probs >= 0) & (probs <= 1)).all()
@@ -159,7 +169,7 @@ def test_end_to_end_training_runs_its_llm_under_the_chosen_precision(synth, prec
     q_proj = model.inner_decoder().layers[0].self_attn.q_proj
     hook = q_proj.register_forward_hook(lambda m, i, o: seen.add((model.training, o.dtype)))
     try:
-        result = train_end_to_end(model, data, EndToEndConfig(**{**E2E, "epochs": 1, "precision": precision}))
+        result = train_end_to_end(model, data, budget(epochs=1), EndToEndConfig(precision=precision))
     finally:
         hook.remove()
     trained = {d for training, d in seen if training}

@@ -32,15 +32,42 @@ FT = {"model.backbone": "tiny-llama", "model.tiny": "{hidden_size: 64, num_layer
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/evaluate/conftest.py
 
 
+# stage 1 per seed: a few epochs of the tiny projector (32 hidden, like the fixture's own)
+ALIGN = {"epochs": "4", "eval_every": "2", "checkpoint_every": "2", "batch_size": "16", "figure": "false",
+         "projector.hidden": "32", "threads": "1"}
+
+
+def text_store(synth) -> Path:
+    """Stage 1's text targets, from the same tiny LLM that stage 2 fine-tunes (as the pipeline does)."""
+    from respiramfm.fusion.train_config import FinetuneConfig
+    from respiramfm.llm.text_store import embed_manifest
+    from respiramfm.models.fusion import load_configured_backbone
+
+    from respiramfm.models.processing import record_context
+
+    cfg = load_config(FinetuneConfig, None, [f"{k}={v}" for k, v in FT.items() if k.startswith("model.")])
+    out = synth.root / "text_store"
+    if not out.is_dir():  # the fixture's records carry metadata only: their context is the template wording
+        with_text = synth.root / "with_context.csv"
+        write_manifest([dataclasses.replace(r, context=record_context(r)) for r in read_manifest(synth.manifest)],
+                       with_text)
+        embed_manifest(with_text, out, load_configured_backbone(cfg.model), batch_size=16, progress=False)
+    return out
+
+
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
-    return make_synth(tmp_path_factory.mktemp("eval_synth"))
+    s = make_synth(tmp_path_factory.mktemp("eval_synth"))
+    text_store(s)
+    return s
 
 
 def overrides(synth, out: Path, **extra) -> list[str]:
     base = {"manifests": f"[{synth.manifest}]", "task_files": f"[{synth.tasks}]", "audio_store": f"[{synth.store}]",
-            "projector": str(synth.projector), "out_dir": str(out), "n_boot": "100", "seeds": "[0, 1]"}
+            "projector": str(synth.projector), "out_dir": str(out), "n_boot": "100", "seeds": "[0, 1]",
+            "text_store": str(text_store(synth))}
     base.update({f"finetune.{k}": v for k, v in FT.items()})
+    base.update({f"align.{k}": v for k, v in ALIGN.items()})
     base.update({k: str(v) for k, v in extra.items()})
     return [f"{k}={v}" for k, v in base.items()]
 
@@ -52,15 +79,27 @@ def _audio_lr(data, seed, work_dir, options):
     from respiramfm.encoders.store import EmbeddingStore
 
     calls.append(seed)
+    projectors.append(data.projector)
+    stores_seen.append((seed, list(data.audio_store)))
     store = EmbeddingStore(data.audio_store[0])
-    xy = [(store.get(r.record_id), y) for t in data.supervised for r, y in data.examples(t, "train")]
+    xy = [(store.get(r.record_id), y) for t in data.supervised for r, y in data.examples(t, "train")
+          if r.record_id in store]
     clf = LogisticRegression(random_state=seed).fit(np.stack([x for x, _ in xy]), [y for _, y in xy])
     return {t: {r.record_id: float(clf.predict_proba(store.get(r.record_id)[None])[0, 1])
-                for r, _ in data.examples(t, "test")} for t in data.tasks}
+                for r, _ in data.examples(t, "test") if r.record_id in store} for t in data.tasks}
+
+
+def _every_record(data, seed, work_dir, options):
+    """A system that scores every test record it is given, audio or not (as a text-only model would)."""
+    return {t: {r.record_id: 0.25 + 0.5 * (hash(r.record_id) % 2) for r, _ in data.examples(t, "test")}
+            for t in data.tasks}
 
 
 calls: list[int] = []
+projectors: list[str] = []  # data.projector as each call of _audio_lr saw it
+stores_seen: list[tuple] = []  # (seed, data.audio_store) of each call
 register_system("test_audio_lr", _audio_lr, "test: logistic regression on audio")
+register_system("test_every_record", _every_record, "test: scores every test record given")
 
 
 @pytest.fixture(scope="module")
@@ -203,3 +242,121 @@ def test_missing_text_reuses_the_respiramfm_run_and_drops_only_the_text(synth, t
     gone = {(r["task"], r["record_id"]): r["prob"] for r in read_predictions(out / "predictions" / "missing_text" / "seed0.csv")}
     assert full.keys() == gone.keys() and len(full) > 10
     assert max(abs(full[k] - gone[k]) for k in full) > 1e-4  # the text mattered, and only the text changed
+
+
+def test_every_system_is_scored_on_the_same_test_records(tmp_path):
+    # two test records have no audio embedding: a system that could score them (text only) must not
+    s = make_synth(tmp_path / "data", drop=("ft_cough-test-001", "ft_lung-test-002"))
+    out = tmp_path / "paired"
+    cfg = load_config(EvaluateConfig, None, overrides(s, out, systems="[test_audio_lr, test_every_record]",
+                                                       seeds="[0]", stage1_per_seed="false", text_store=""))
+    summary = evaluate(cfg, log=lambda *_: None)
+    sets = {}
+    for system in ("test_audio_lr", "test_every_record"):
+        for r in read_predictions(out / "predictions" / system / "seed0.csv"):
+            sets.setdefault(system, {}).setdefault(r["task"], set()).add(r["record_id"])
+    assert sets["test_audio_lr"] == sets["test_every_record"]
+    assert "ft_cough-test-001" not in sets["test_every_record"]["FT-A"] and len(sets["test_every_record"]["FT-A"]) == 7
+    assert summary["paired"]["n_excluded"] == 2 and summary["paired"]["n_per_task"]["FT-A"] == 7
+    assert {e["record_id"] for e in summary["paired"]["excluded"]} == {"ft_cough-test-001", "ft_lung-test-002"}
+    rows = {(r["task"], r["system"]): r for r in summary["rows"]}
+    assert rows[("FT-A", "test_audio_lr")]["n"] == rows[("FT-A", "test_every_record")]["n"] == 7
+    assert "same test records" in (out / "results.md").read_text()
+
+    def skips_one(data, seed, work_dir, options):  # leaves a record of the common set unscored
+        preds = _every_record(data, seed, work_dir, options)
+        preds["FT-B"].pop(sorted(preds["FT-B"])[0])
+        return preds
+
+    register_system("test_skips_one", skips_one)
+    cfg.systems = ["test_skips_one"]
+    with pytest.raises(DataError, match="left 1 of the 7 common test record"):
+        evaluate(cfg, log=lambda *_: None)
+    assert not (out / "predictions" / "test_skips_one" / "seed0.csv").exists()  # not a finished unit
+
+
+def test_paired_difference_table_in_tables_and_report(evaluated):
+    out, summary = evaluated
+    diffs = {(r["task"], r["system"]): r for r in summary["differences"]}
+    assert set(diffs) == {(t, "test_audio_lr") for t in ("FT-A", "FT-B", "FT-Z")}
+    a = diffs[("FT-A", "test_audio_lr")]
+    rows = {(r["task"], r["system"]): r for r in summary["rows"]}
+    assert a["reference"] == "respiramfm" and a["n"] == 8 and a["seeds"] == [0, 1]
+    # the point difference is the difference of the two seed-mean AUROCs of the main table
+    assert a["diff"] == pytest.approx(rows[("FT-A", "test_audio_lr")]["mean"] - rows[("FT-A", "respiramfm")]["mean"])
+    assert a["ci_low"] <= a["diff"] <= a["ci_high"]
+    md = (out / "results.md").read_text()
+    assert "## Paired differences to respiramfm" in md and "| FT-A | 8 (4) |" in md
+    assert json.loads((out / "results.json").read_text())["differences"][0]["reference"] == "respiramfm"
+    assert "Paired differences to respiramfm" in (out / "report.html").read_text()
+
+
+def test_each_seed_aligns_its_own_projector_and_its_respiramfm_uses_it(evaluated):
+    from respiramfm.fusion.train_config import FinetuneConfig
+    from respiramfm.utils.io import sha256_file
+
+    out, summary = evaluated
+    weights = [out / "stage1" / f"seed{s}" / "projector.safetensors" for s in (0, 1)]
+    assert all(w.is_file() for w in weights) and sha256_file(weights[0]) != sha256_file(weights[1])
+    assert {s: v["sha256"] for s, v in summary["stage1"]["seeds"].items()} == {0: sha256_file(weights[0]),
+                                                                               1: sha256_file(weights[1])}
+    for seed in (0, 1):
+        run = out / "work" / "respiramfm" / f"seed{seed}" / "finetune"
+        assert load_config(FinetuneConfig, run / "config.yaml").projector == str(out / "stage1" / f"seed{seed}")
+        model = json.loads((run / "model" / "config.json").read_text())
+        assert model["projector"]["provenance"]["seed"] == seed  # the model carries its seed's projector
+    md = (out / "results.md").read_text()
+    assert "Every seed re-trains stage 1" in md
+
+
+def test_data_efficiency_aligns_stage1_on_each_subset(synth, tmp_path):
+    out = tmp_path / "eff_stage1"
+    cfg = load_config(EvaluateConfig, None, overrides(synth, out, systems="[test_audio_lr]", seeds="[0]",
+                                                       data_efficiency="test_audio_lr", report="false",
+                                                       efficiency_fractions="[0.25, 1.0]"))
+    del projectors[:]
+    evaluate(cfg, log=lambda *_: None)
+    eff = RunLayout(out).efficiency("test_audio_lr")
+    small, full = (json.loads((eff.stage1(f, 0) / "summary.json").read_text()) for f in (0.25, 1.0))
+    assert small["n_train"] < full["n_train"] == 48  # stage 1 saw the unit's patients only
+    train_ids = {r.record_id for r in read_manifest(eff.manifest(0.25, 0)) if r.split == "train"}
+    assert small["n_train"] == len(train_ids) == 2 * 6  # ceil(25 % of 24) per dataset
+    assert projectors == [str(out / "stage1" / "seed0"), str(eff.stage1(0.25, 0)), str(eff.stage1(1.0, 0))]
+
+
+def test_a_seed_with_its_own_encoder_aligns_and_scores_on_its_embeddings(synth, tmp_path):
+    from respiramfm.evaluate.stage1 import finished
+
+    other = make_synth(tmp_path / "seed1_encoder", seed=1)  # same records, another encoder's vectors
+    out = tmp_path / "enc"
+    cfg = load_config(EvaluateConfig, None, overrides(synth, out, systems="[test_audio_lr]", report="false",
+                                                       seed_audio_stores="{1: [%s]}" % other.store))
+    del stores_seen[:], projectors[:]
+    evaluate(cfg, log=lambda *_: None)
+    assert stores_seen == [(0, [str(synth.store)]), (1, [str(other.store)])]
+    assert projectors == [str(out / "stage1" / "seed0"), str(out / "stage1" / "seed1")]
+    assert finished(out / "stage1" / "seed1")
+    saved = load_config(EvaluateConfig, out / "config.yaml")
+    assert saved.seed_audio_stores == {1: [str(other.store)]}
+    from respiramfm.align.train import AlignConfig
+    assert load_config(AlignConfig, out / "stage1" / "seed1" / "config.yaml").audio_store == str(other.store)
+    bad = load_config(EvaluateConfig, None, overrides(synth, out, stage1_per_seed="false",
+                                                       seed_audio_stores="{1: [%s]}" % other.store))
+    with pytest.raises(ConfigError, match="needs stage1_per_seed"):
+        evaluate(bad, log=lambda *_: None)
+
+
+def test_a_finished_stage1_is_reused_only_with_the_same_settings(synth, tmp_path):
+    from respiramfm.evaluate.stage1 import align_on
+
+    cfg = load_config(EvaluateConfig, None, overrides(synth, tmp_path / "o"))
+    data = load_eval_data(cfg)
+    out = tmp_path / "stage1"
+    align_on(cfg, data, 3, out, log=lambda *_: None)
+    stamp = (out / "projector.safetensors").stat().st_mtime_ns
+    align_on(cfg, data, 3, out, log=lambda *_: None)  # finished, same settings: nothing trained
+    assert (out / "projector.safetensors").stat().st_mtime_ns == stamp
+    assert json.loads((out / "projector.json").read_text())["provenance"]["seed"] == 3
+    cfg.align.lr = 0.01  # other settings: align's own resume rule refuses the old run's checkpoint
+    with pytest.raises(ConfigError, match="different configuration"):
+        align_on(cfg, data, 3, out, log=lambda *_: None)

@@ -58,3 +58,40 @@ def test_markdown_marks_simulated_rows():
 def test_report_needs_results(tmp_path):
     with pytest.raises(DataError, match="results.json"):
         build_report(tmp_path)
+
+
+def test_report_shows_the_paired_difference_table(tmp_path):
+    from respiramfm.evaluate.results import _jsonable
+
+    summary = _summary(True)
+    summary["systems"] = ["respiramfm", "audio_only"]
+    summary["averages"]["audio_only"] = summary["averages"]["respiramfm"]
+    summary["paired"] = {"n_excluded": 3, "excluded": [], "n_per_task": {"T1": 4, "T5": 0}}
+    summary["differences"] = [
+        {"task": "T1", "system": "audio_only", "reference": "respiramfm", "diff": -0.25, "ci_low": -0.5,
+         "ci_high": 0.0, "n": 4, "n_pos": 2, "n_patients": 4, "n_boot": 10, "seeds": [0], "reason": ""},
+        {"task": "T5", "system": "audio_only", "reference": "respiramfm", "diff": float("nan"),
+         "ci_low": float("nan"), "ci_high": float("nan"), "n": 0, "n_pos": 0, "n_patients": 0, "n_boot": 0,
+         "seeds": [], "reason": "no records scored by both systems"}]
+    _write(tmp_path, True)
+    (tmp_path / "results.json").write_text(json.dumps(_jsonable(summary)))  # NaN -> null, as written by a run
+    page = build_report(tmp_path).read_text()
+    assert "Paired differences to respiramfm" in page and "-0.250 [-0.500, +0.000]" in page
+    assert "no records scored by both systems" in page
+    assert "3 test record(s) without a usable audio embedding are left out for every system" in page
+
+
+def test_report_states_the_llm_depth_and_lora_placement(tmp_path):
+    """The report says at which depth, with which LoRA placement and whether through the trunk cache the LLM
+    systems trained (read from the run's provenance: the stage-2 config every LLM system starts from)."""
+    from respiramfm.evaluate.report import llm_setting
+
+    _write(tmp_path, True)
+    model = {"backbone": "smollm2-135m", "num_layers": 0, "lora": {"r": 8, "top_layers": 4}}
+    (tmp_path / "provenance.json").write_text(json.dumps({"config": {"finetune": {"model": model,
+                                                                                  "trunk_cache": True}}}))
+    page = build_report(tmp_path).read_text()
+    assert "every decoder layer (full depth), LoRA on the top 4 of them" in page and "frozen-trunk cache" in page
+    cut = llm_setting({"model": {"backbone": "smollm2-135m", "num_layers": 4, "lora": {"top_layers": 0}}})
+    assert "its first 4 decoder layers, LoRA on every one of them" in cut and "trunk cache" not in cut
+    assert llm_setting({}) == ""

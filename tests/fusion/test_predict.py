@@ -88,7 +88,10 @@ def test_cli_single_recording_with_metadata_and_attribution(model_dir, encoder_c
                "--task", "T4", "--attribution"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"probability", "task", "disease", "modalities_used", "model", "warnings", "attention"}
+    assert set(out) == {"probability", "task", "disease", "modalities_used", "model", "warnings", "attention",
+                        "decision", "threshold", "threshold_rule", "trained_on"}
+    assert out["decision"] is None and out["threshold_rule"].startswith("no threshold")  # nothing recorded
+    assert out["trained_on"]["recorded"] is False
     assert 0.0 <= out["probability"] <= 1.0
     assert (out["task"], out["disease"], out["modalities_used"], out["warnings"]) == \
         ("T4", "COPD", ["audio", "context"], [])

@@ -160,10 +160,10 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(synth, tmp_path, capsy
 
 
 def test_config_files_and_schedule(synth):
-    official = load_config(FinetuneConfig, ROOT / "configs" / "finetune_official.yaml")
+    official = load_config(FinetuneConfig, ROOT / "configs" / "paper" / "finetune.yaml")
     o = official.optim
     assert (o.lr, o.betas, o.eps, o.weight_decay) == (1e-5, [0.9, 0.95], 1e-8, 0.1)
-    assert (official.epochs, official.batch_size, official.seed, official.mixing) == (20, 4, 420, "concat")
+    assert (official.epochs, official.batch_size, official.seed, official.mixing) == (20, 16, 420, "concat")
     assert official.model.lora.r == 16 and official.model.lora.alpha == 32 and official.model.lora.dropout == 0.1
     ours = load_config(FinetuneConfig, ROOT / "configs" / "finetune.yaml", ["batch_size=8"])
     assert ours.batch_size == 8 and ours.model.backbone == "smollm2-135m"

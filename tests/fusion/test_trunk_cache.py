@@ -10,7 +10,7 @@ import torch
 
 from respiramfm.errors import CheckpointError, ConfigError
 from respiramfm.fusion.infer import items_to_resolved, plain_logits, predict_logits, shared_prefix_logits
-from respiramfm.fusion.trunk_cache import TrunkCache, TrunkStore, item_key, lora_cut
+from respiramfm.fusion.trunk_cache import TrunkCache, TrunkStore, item_key, lora_cut, trunk_states
 from respiramfm.models.configuration import FusionConfig, LoraSettings, ProjectorConfig
 from respiramfm.models.fusion import RespiraMFM
 from respiramfm.models.projector import build_projector
@@ -113,6 +113,24 @@ def test_store_is_reused_resumable_and_keyed_by_content(tmp_path, one_thread):
     assert other.store.dir != first.store.dir and _records(other) == 0
     deeper = _model(top=3)
     assert TrunkCache(deeper, tmp_path).store.dir not in (first.store.dir, other.store.dir)  # the cut is keyed
+
+
+def test_trunk_precision_is_keyed_and_never_taken_from_the_caller(tmp_path, one_thread):
+    """The trunk runs in the cache's own precision (training's), not in whatever autocast the caller is in
+    (validation builds its records inside bf16 autocast), and fp32 and bf16 states live in different folders."""
+    model = _model()
+    resolved = items_to_resolved(model, _items(4))
+    fp32, bf16 = TrunkCache(model, tmp_path), TrunkCache(model, tmp_path, precision="bf16")
+    assert fp32.store.dir != bf16.store.dir
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fp32.build(resolved)
+    bf16.build(resolved)
+    key = item_key(resolved[0])
+    reference = trunk_states(model, resolved[:1], fp32.cut)[0]
+    torch.testing.assert_close(fp32.store.get(key), reference, atol=1e-6, rtol=0)
+    assert (bf16.store.get(key) - reference).abs().max() > 1e-4  # really computed in bfloat16
+    with pytest.raises(ConfigError, match="precision"):
+        TrunkCache(model, tmp_path, precision="fp16")
 
 
 def test_store_refuses_a_folder_of_another_model(tmp_path):

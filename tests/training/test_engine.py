@@ -188,3 +188,23 @@ def test_per_epoch_schedules_and_config_checks():
         RunSettings(existing="maybe").validate()
     with pytest.raises(DataError, match="no optimiser step"):
         Trainer(Toy(batch=24), budget(), RunSettings(device="cpu", progress=False))
+
+
+def test_auto_precision_takes_bf16_only_where_it_is_faster(monkeypatch):
+    """``precision: auto`` (the CPU preset's) runs bf16 autocast only on CPUs where it measured faster; on a
+    CPU without native bf16 dot products torch's reference bf16 GEMM is many times slower than fp32."""
+    from pathlib import Path
+
+    from respiramfm.training import engine
+
+    monkeypatch.setattr(engine, "_BF16_PAYS", {})
+    measured = engine.bf16_pays("cpu")
+    assert isinstance(measured, bool) and engine._BF16_PAYS == {"cpu": measured}  # measured once per process
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    if flags and "avx512_bf16" not in flags and "amx_bf16" not in flags:
+        assert measured is False  # no native bf16 here: auto must not pick it
+    for pays, want, mixed in ((False, "fp32", "no"), (True, "bf16", "bf16")):
+        monkeypatch.setattr(engine, "_BF16_PAYS", {"cpu": pays})
+        assert engine.resolve_precision("auto", "cpu") == want
+        assert engine.make_accelerator("cpu", "auto").mixed_precision == mixed
+        assert engine.resolve_precision("bf16", "cpu") == "bf16" and engine.resolve_precision("fp32", "cpu") == "fp32"

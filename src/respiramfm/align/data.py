@@ -14,6 +14,12 @@ Splits are patient-level and come from the manifest's ``split`` column:
   validation set).
 * A patient present in two splits is an error (:class:`~respiramfm.errors.DataError`).
 
+**Which datasets.** By default stage 1 aligns on the datasets of the run's supervised tasks
+(:func:`respiramfm.data.roles.run_tasks`: the task files' tasks, else T1-T9), never on every
+dataset of the manifest; ``datasets`` overrides. A manifest that holds train/val/unassigned rows
+of a dataset the run uses only for zero-shot tasks is refused
+(:class:`~respiramfm.data.roles.ZeroShotLeakError`), whatever ``datasets`` says.
+
 Records the stores cannot serve (no audio, no vector, non-finite vector) are skipped
 and reported, never silently dropped.
 
@@ -33,6 +39,7 @@ import numpy as np
 import torch
 
 from respiramfm.data.records import read_manifest
+from respiramfm.data.roles import refuse_zero_shot_rows, run_tasks, supervised_datasets
 from respiramfm.data.splits import is_simulated, patient_label, split_records
 from respiramfm.cache.view import EmbeddingStore
 from respiramfm.errors import ConfigError, DataError
@@ -67,6 +74,8 @@ class AlignData:
     audio_meta: dict = field(default_factory=dict)
     text_meta: dict = field(default_factory=dict)
     simulated: bool = False
+    datasets: list[str] = field(default_factory=list)   # the datasets aligned on
+    datasets_from: str = "config"                       # "config" | "supervised tasks"
 
     @property
     def audio_dim(self) -> int:
@@ -153,13 +162,31 @@ def _build_split(records: list, split: str, audio_dir: str, text_dir: str, skipp
     return keep, audio[finite], text[finite]
 
 
+def align_datasets(records: list, tasks: list, datasets: Sequence[str], manifest: str) -> tuple[list[str], str]:
+    """(datasets to align on, where they came from): ``datasets``, else the supervised tasks' ones present."""
+    if datasets:
+        return sorted(datasets), "config"
+    wanted = supervised_datasets(tasks)
+    present = sorted(set(wanted) & {r.dataset for r in records if r.split != "test"})
+    if not present:
+        raise DataError(f"the manifest holds no train/val records of the supervised tasks' datasets {wanted}; "
+                        "pass the run's task files (task_files=[...]) or name datasets=[...]", path=manifest)
+    return present, "supervised tasks"
+
+
 def load_align_data(manifest: str, audio_store: str, text_store: str, val_fraction: float = 0.15,
-                    datasets: Sequence[str] = ()) -> AlignData:
-    """Join manifest, audio store and text store into train/val pair sets (test rows untouched)."""
+                    datasets: Sequence[str] = (), tasks: Sequence | None = None) -> AlignData:
+    """Join manifest, audio store and text store into train/val pair sets (test rows untouched).
+
+    ``tasks``: the run's tasks (default :func:`~respiramfm.data.roles.run_tasks`, the built-in ones).
+    """
     for name, value in (("manifest", manifest), ("audio_store", audio_store), ("text_store", text_store)):
         if not value:
             raise ConfigError(f"{name} is not set")
     records = read_manifest(manifest)
+    tasks = list(tasks) if tasks is not None else run_tasks()
+    refuse_zero_shot_rows(records, tasks, stage="align", path=manifest)
+    datasets, origin = align_datasets(records, tasks, datasets, manifest)
     train_recs, val_recs, source = split_records(records, val_fraction, datasets)
     stores = (EmbeddingStore(audio_store), TextTargetStore(text_store))
     skipped: list[dict] = []
@@ -174,4 +201,4 @@ def load_align_data(manifest: str, audio_store: str, text_store: str, val_fracti
         parts.append(pairset_from_arrays(a, t, [r.record_id for r in recs], [patient_label(r) for r in recs],
                                          [r.diagnosis for r in recs], text_ids=tid))
     return AlignData(parts[0], parts[1], source, skipped, dict(stores[0].meta), dict(stores[1].meta),
-                     is_simulated(tr + va))
+                     is_simulated(tr + va), datasets, origin)

@@ -6,10 +6,11 @@ batches (no DataLoader, no per-item collation), and Adam runs fused.
 
 The defaults (identical to ``configs/align.yaml``) keep the official optimisation recipe
 (docs/paper.md §4: batch 64, Adam 1e-3, up to 500 epochs, τ initialised at 0.07) with three
-changes measured on the simulated cohort: the signed projector head (``final=layernorm``),
-the symmetric CLIP loss with a learnable temperature, and validation-based selection with
-early stopping. ``configs/align_official.yaml`` reproduces the release exactly (one-way
-InfoNCE, LayerNorm+ReLU head, last epoch kept).
+changes, the first two measured on the simulated cohort only (docs/settings.md): the signed
+projector head (``final=layernorm``), the symmetric CLIP loss with a learnable temperature,
+and validation-based selection with early stopping. ``configs/paper/align.yaml``
+(``--config paper``) reproduces the release exactly (one-way InfoNCE, LayerNorm+ReLU head,
+last epoch kept).
 
 Unlike the official code, a held-out *validation* split (patient-level; never test)
 is evaluated every ``eval_every`` epochs — validation loss, audio→text R@1/R@5 over
@@ -17,6 +18,13 @@ distinct texts, alignment and uniformity — and the saved projector is the one 
 best validation evaluation (``select_metric``; ``"last"`` reproduces the official
 "save the last epoch"). ``patience`` stops early after that many evaluations without
 improvement.
+
+Which records: the train/val rows of the datasets of the run's *supervised* tasks (``task_files``
+and ``tasks`` say what the run's tasks are; default the built-in T1-T9), or of ``datasets`` when
+set; the printed line and ``summary.json`` name them. A manifest with train/val rows of a
+dataset that the run uses only for zero-shot tasks is refused (:mod:`respiramfm.data.roles`).
+``projector.json`` records the encoder, LLM (with its layer cut) and text space the projector
+was aligned with (:mod:`respiramfm.align.compat`); stage 2 refuses another.
 
 Outputs in ``out_dir``: ``projector.safetensors`` + ``projector.json`` (best), ``metrics.jsonl``
 (one row per evaluation, epoch 0 = untrained: train_loss, val_loss, r1/r5 with chance_r1/r5,
@@ -39,22 +47,26 @@ from pathlib import Path
 
 import torch
 
+from respiramfm.align.compat import projector_compat
 from respiramfm.align.data import AlignData, PairSet, load_align_data
 from respiramfm.align.figures import tsne_before_after
 from respiramfm.align.losses import LOSS_KINDS, ContrastiveLoss
 from respiramfm.align.metrics import alignment, retrieval_metrics, uniformity
 from respiramfm.config import add_config_arguments, load_config, save_config, to_dict
+from respiramfm.data.roles import run_tasks
 from respiramfm.errors import CheckpointError, ConfigError
 from respiramfm.models.configuration import ProjectorConfig
 from respiramfm.models.projector import Projector, build_projector, save_projector
 from respiramfm.training.config import Budget, OptimConfig, RunSettings
 from respiramfm.training.engine import TrainTask, Trainer
 from respiramfm.utils.io import atomic_write_json, atomic_write_text, csv_row
+from respiramfm.utils.progress import add_run_flags
 
 SELECT_METRICS = ("val_loss", "r1", "r5", "last")
 OPTIMIZERS = ("adam", "adamw")
 # Fields that may change between a killed run and its resumption without changing the result's meaning.
-_RESUME_FREE = ("out_dir", "device", "threads", "progress", "figure", "epochs", "checkpoint_every", "resume")
+_RESUME_FREE = ("out_dir", "device", "threads", "progress", "figure", "epochs", "checkpoint_every", "resume",
+                "task_files")
 _VAL_ORDER_SEED = 1234567  # fixed validation batching (independent of the training seed)
 
 
@@ -64,8 +76,10 @@ class AlignConfig:
     text_store: str = ""             # directory written by `respiramfm embed-text`
     manifest: str = ""               # records manifest (splits, patients, contexts, diagnoses)
     out_dir: str = "runs/align"
-    datasets: list[str] = field(default_factory=list)   # restrict to these datasets ([] = all)
-    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    datasets: list[str] = field(default_factory=list)   # align on these datasets ([] = the supervised tasks')
+    task_files: list[str] = field(default_factory=list)  # the run's task definitions ([] = built-in T1-T9)
+    tasks: list[str] = field(default_factory=list)       # extra task names of the run (beyond the task files)
+    projector: ProjectorConfig = field(default_factory=lambda: ProjectorConfig(in_dim=None))  # widths from the stores
     loss: str = "clip"               # clip | infonce (official) | dup_aware
     tau: float = 0.07                # fixed temperature (infonce) or initial one (clip, dup_aware)
     batch_size: int = 64
@@ -248,10 +262,13 @@ def _train_align(cfg: AlignConfig, data: AlignData | None, callbacks) -> AlignRe
         raise ConfigError("stage-1 training runs in one process (minutes on cached embeddings); launch it without "
                           "torchrun/accelerate. ContrastiveLoss itself supports gather-with-grad for multi-process use")
     if data is None:
-        data = load_align_data(cfg.manifest, cfg.audio_store, cfg.text_store, cfg.val_fraction, cfg.datasets)
+        data = load_align_data(cfg.manifest, cfg.audio_store, cfg.text_store, cfg.val_fraction, cfg.datasets,
+                               run_tasks(cfg.task_files, cfg.tasks))
     pcfg = ProjectorConfig(**to_dict(cfg.projector))
     if pcfg.out_dim is None:
         pcfg.out_dim = data.text_dim
+    if pcfg.in_dim is None:
+        pcfg.in_dim = data.audio_dim
     if pcfg.out_dim != data.text_dim or pcfg.in_dim != data.audio_dim:
         raise ConfigError(f"projector maps {pcfg.in_dim}->{pcfg.out_dim} but the data pairs "
                           f"{data.audio_dim}-d audio with {data.text_dim}-d text")
@@ -291,6 +308,8 @@ def _finish(cfg: AlignConfig, data: AlignData, model: Projector, rows: list[dict
         "text_store_key": data.text_meta.get("key"), "text_max_tokens": data.text_meta.get("max_tokens"),
         "audio_encoder": data.audio_meta.get("encoder"), "audio_weights_hash": data.audio_meta.get("weights_hash"),
         "audio_frontend_key": data.audio_meta.get("frontend_key"),
+        "datasets": list(data.datasets), "datasets_from": data.datasets_from,
+        "compat": projector_compat(data.audio_meta, data.text_meta),
     }
     save_projector(model.cpu(), out, provenance)
     counts: dict[str, int] = {}
@@ -301,7 +320,8 @@ def _finish(cfg: AlignConfig, data: AlignData, model: Projector, rows: list[dict
     summary = {
         "best_epoch": st["best_epoch"], "select_metric": cfg.select_metric, "best": best_row,
         "last_epoch": st["epoch"], "stopped_early": st["stopped"], "n_train": len(data.train), "n_val": len(data.val),
-        "val_source": data.val_source, "skipped": counts, "simulated": data.simulated,
+        "val_source": data.val_source, "datasets": list(data.datasets), "datasets_from": data.datasets_from,
+        "skipped": counts, "simulated": data.simulated,
         "projector_parameters": model.num_parameters(), "provenance": provenance,
         "epochs_this_run": epochs_run, "train_seconds_this_run": round(train_seconds, 3),
     }
@@ -330,15 +350,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, "YAML config (e.g. configs/align.yaml); defaults to the built-in recipe",
                          "--set loss=infonce --set projector.final=official")
     parser.add_argument("--fresh", action="store_true", help="ignore (and replace) a checkpoint already in out_dir")
+    add_run_flags(parser)  # --threads N / --no-progress: the same as --set threads=N / --set progress=false
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(AlignConfig, args.config, args.overrides)
     if args.fresh:
         cfg.resume = False
+    if args.threads:
+        cfg.threads = args.threads
+    if args.no_progress:
+        cfg.progress = False
     result = train_align(cfg)
     b = result.best_metrics
     print(json.dumps({"out_dir": str(result.out_dir), "best_epoch": result.best_epoch, "val_loss": b["val_loss"],
                       "r1": b["r1"], "r5": b["r5"], "chance_r1": b["chance_r1"], "chance_r5": b["chance_r5"],
-                      "last_epoch": result.last_epoch, "stopped_early": result.stopped_early}))
+                      "last_epoch": result.last_epoch, "stopped_early": result.stopped_early,
+                      "datasets": result.summary["datasets"], "datasets_from": result.summary["datasets_from"]}))
     return 0

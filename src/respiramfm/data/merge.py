@@ -11,7 +11,8 @@ would silently corrupt an experiment:
 
 Audio paths are rewritten relative to the merged manifest's folder, so the result stays
 usable wherever the inputs were. ``--zero-shot DATASET`` moves every record of a dataset
-into the test split (a dataset used only for zero-shot tasks never reaches training).
+into the test split (a dataset used only for zero-shot tasks never reaches training; every
+training stage refuses one that does, see :mod:`respiramfm.data.roles`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from respiramfm.data.records import read_manifest, relative_audio_path, resolve_audio_path, write_manifest
+from respiramfm.data.roles import as_test_only
 from respiramfm.data.splits import check_no_leakage
 from respiramfm.errors import DataError
 
@@ -44,9 +46,7 @@ def merge_manifests(paths: list[Path], out: Path, zero_shot: tuple[str, ...] = (
     unknown = sorted(set(zero_shot) - {r.dataset for r in merged})
     if unknown:
         raise DataError(f"--zero-shot names dataset(s) {unknown} that no input holds", path=out)
-    for r in merged:
-        if r.dataset in zero_shot:
-            r.split = "test"
+    merged = as_test_only(merged, zero_shot)
     check_no_leakage(merged, out)
     write_manifest(merged, out)
     return merged

@@ -10,6 +10,10 @@ that are missing and metadata disagreements are written to a report (``FILE`` +
 the manifest. By default patient-level splits are assigned (official splits kept, a
 validation split carved from official training patients); ``--splits keep`` leaves
 the adapter's splits as they are. Audio paths are stored relative to the manifest.
+
+``--role zero-shot`` puts every record in the test split: the one role of a dataset that the
+run uses only for zero-shot tasks (KAUH, Coswara and CODA TB for the paper's T5-T9). Training
+stages refuse such a dataset's records anywhere else (:mod:`respiramfm.data.roles`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from pathlib import Path
 from respiramfm.data.datasets import ADAPTERS
 from respiramfm.data.datasets.generic import FIELD_HELP as GENERIC_FIELDS
 from respiramfm.data.records import relative_audio_path, write_manifest
+from respiramfm.data.roles import as_test_only, zero_shot_only
 from respiramfm.data.splits import assign_splits, check_no_leakage
+from respiramfm.data.task_defs import TASKS
 from respiramfm.errors import ConfigError, DataError, RespiraMFMError
 from respiramfm.utils.io import atomic_write_text
 
@@ -56,6 +62,22 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="assign patient-level splits (default; official splits kept) or keep the adapter's")
     p.add_argument("--fractions", type=_fractions, default=(0.7, 0.1, 0.2), help="train,val,test (default 0.7,0.1,0.2)")
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    p.add_argument("--role", choices=ROLE_CHOICES, default="supervised",
+                   help="zero-shot: every record goes to the test split (a dataset used only for zero-shot "
+                        "tasks, e.g. KAUH, Coswara, CODA TB for T5-T9); supervised (default): --splits decides")
+
+
+ROLE_CHOICES = ("supervised", "zero-shot")
+
+
+def role_note(records: list, role: str) -> str:
+    """A hint when a dataset the paper tasks use only zero-shot is prepared with training splits."""
+    if role == "zero-shot":
+        return ""
+    only = sorted({r.dataset for r in records} & set(zero_shot_only(TASKS)))
+    return "".join(f"note: {d} serves only zero-shot paper tasks; training stages refuse its train/val rows "
+                   f"unless a task file gives it a supervised task (prepare it with --role zero-shot)\n"
+                   for d in only)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,6 +132,7 @@ def _report_text(args, records, problems: list[str]) -> str:
         f"respiramfm prepare {args.source}",
         f"root: {args.root}",
         f"manifest: {args.out}",
+        f"role: {getattr(args, 'role', 'supervised')}",
         f"records: {len(records)} (with audio {with_audio}, metadata-only {len(records) - with_audio})",
         f"patients: {len({(r.dataset, r.patient_id) for r in records})}",
         "splits: " + ", ".join(f"{k or 'unassigned'}={v}" for k, v in sorted(Counter(r.split for r in records).items())),
@@ -131,7 +154,9 @@ def prepare(args: argparse.Namespace) -> tuple[list, list[str], Path]:
     if not records:
         atomic_write_text(report, _report_text(args, records, problems))
         raise DataError(f"no records could be built (see {report})", path=args.root)
-    if args.splits == "assign":
+    if getattr(args, "role", "supervised") == "zero-shot":
+        records = as_test_only(records)
+    elif args.splits == "assign":
         records = assign_splits(records, fractions=args.fractions, seed=args.seed, keep_existing=True)
     check_no_leakage(records)
     for r in records:
@@ -155,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:  # e.g. an unwritable output folder
         raise RespiraMFMError(f"cannot write output: {exc.strerror}", path=exc.filename) from None
     with_audio = sum(1 for r in records if r.audio_path)
+    print(role_note(records, getattr(args, "role", "supervised")), end="")
     print(f"{args.source}: {len(records)} records ({with_audio} with audio) -> {args.out}; "
           f"{len(problems)} problem(s) listed in {report}")
     return 0

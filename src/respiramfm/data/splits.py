@@ -138,8 +138,12 @@ def split_summary(records: Iterable[Record]) -> dict[str, dict[str, int]]:
 
 
 def patient_label(r: Record) -> str:
-    """``dataset/patient_id``: a patient's identity across datasets, as printed in reports."""
-    return f"{r.dataset}/{r.patient_id}"
+    """``dataset/patient_id``: a patient's identity across datasets, as printed in reports.
+
+    The adapters already write ids as ``dataset/...`` (``kauh/P100``); those are kept as they
+    are, never prefixed twice (``kauh/kauh/P100``)."""
+    pid = str(r.patient_id)
+    return pid if pid.startswith(f"{r.dataset}/") else f"{r.dataset}/{pid}"
 
 
 def split_records(records: Sequence, val_fraction: float, datasets: Sequence[str] = ()) -> tuple[list, list, str]:

@@ -6,19 +6,9 @@ any record filters, and the prompt the LLM reads. ``--task-file`` adds (or, for 
 name, replaces) the tasks of a YAML file first, exactly as ``finetune``/``evaluate`` do, so
 a user can check a task file before a run. ``--json`` prints the same as JSON.
 
-Task-file format (one mapping per task under ``tasks:``; ``dataset``, ``disease``,
-``positive`` and ``negative`` are required, the rest optional)::
-
-    tasks:
-      - name: CLINIC-COPD
-        dataset: clinic            # Record.dataset of the records it draws from
-        disease: COPD              # short name used in the class list
-        disease_phrase: chronic obstructive pulmonary disease (COPD)
-        positive: [copd]           # Record.diagnosis values labelled 1
-        negative: [healthy]        # Record.diagnosis values labelled 0
-        audio_type: lung           # optional: keep only this audio type
-        role: supervised           # or zero-shot
-        description: This data comes from our clinic's stethoscope recordings.
+The task-file format and the rule for combining file tasks with built-in ones are in
+docs/tasks.md; the listing ends with what a run with ``tasks: []`` (the default) would use,
+and ``--json`` marks it per task (``in_default_run``, ``in_default_training``).
 """
 
 from __future__ import annotations
@@ -27,7 +17,8 @@ import argparse
 import json
 from pathlib import Path
 
-from respiramfm.data.tasks import all_tasks, load_tasks_yaml
+from respiramfm.data.task_defs import TASKS
+from respiramfm.data.tasks import COMBINE_RULE, all_tasks, load_tasks_yaml
 from respiramfm.data.templates import task_prompt
 
 
@@ -46,9 +37,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-prompt", action="store_true", help="leave the prompts out of the text listing")
 
 
+def default_run(from_file: list) -> tuple[list[str], list[str]]:
+    """(every task, the training tasks) of a run with ``tasks: []`` (see COMBINE_RULE)."""
+    chosen = from_file or [t for t in TASKS if not t.simulated]
+    return [t.name for t in chosen], [t.name for t in chosen if t.role == "supervised"]
+
+
 def run(args: argparse.Namespace) -> int:
-    from_file = {t.name for f in args.task_file for t in load_tasks_yaml(f, overwrite=True)}
-    rows = [describe(t) | {"source": "file" if t.name in from_file else "built-in"}
+    loaded = [t for f in args.task_file for t in load_tasks_yaml(f, overwrite=True)]
+    from_file = {t.name for t in loaded}
+    builtin = {t.name for t in TASKS}
+    run_all, run_train = default_run(loaded)
+    rows = [describe(t) | {"source": ("file, replaces built-in" if t.name in builtin else "file")
+                           if t.name in from_file else "built-in",
+                           "in_default_run": t.name in run_all, "in_default_training": t.name in run_train}
             for t in all_tasks().values()]
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -62,4 +64,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{'':<8} filters: {r['filters']}")
         if not args.no_prompt:
             print(f"{'':<8} prompt: {r['prompt']}")
+    source = "the task file(s)" if loaded else "no task file"
+    print(f"\nWith {source}, a run with tasks: [] evaluates {', '.join(run_all) or 'nothing'} and trains on "
+          f"{', '.join(run_train) or 'nothing (no supervised task)'}.")
+    print(f"Rule: {COMBINE_RULE}.")
     return 0

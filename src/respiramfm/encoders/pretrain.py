@@ -14,7 +14,9 @@ and gain augmentation, HTS-AT (drop-path 0.1) -> dropout 0.1 -> ``g`` (768->512)
 diagonal as targets; Adam lr 1e-4 decayed x0.99 per epoch; batch 128;
 OPERA-CT ran 250 epochs. Differences: one crop length for all sources and
 batches that mix sources (OPERA draws each batch from a single source), and
-the test split of every manifest is excluded by default.
+the test split of every manifest is excluded by default, and a manifest that puts records
+of a dataset the run uses only for zero-shot tasks anywhere else is refused (``task_files`` /
+``tasks`` name the run's tasks; default T1-T9; :mod:`respiramfm.data.roles`).
 
 Outputs in ``out_dir``: ``encoder.safetensors`` (bare HTS-AT keys),
 ``pretrain_config.yaml``, ``metrics.jsonl`` (step, epoch, loss, in-batch
@@ -42,6 +44,8 @@ from torch.utils.data import DataLoader
 
 from respiramfm.audio import FrontendConfig
 from respiramfm.config import add_config_arguments, load_config, save_config, to_dict
+from respiramfm.data.records import SPLITS, read_manifest
+from respiramfm.data.roles import refuse_zero_shot_rows, run_tasks
 from respiramfm.encoders import pretrain_data as pd
 from respiramfm.encoders.pretrain_model import ColaModel, cola_loss
 from respiramfm.errors import ConfigError, DataError
@@ -52,8 +56,8 @@ from respiramfm.utils.io import atomic_save_safetensors
 
 # Settings that may change between a run and its resumption (they do not alter the result).
 # ``manifests`` may move: the identity of the recordings themselves is checked separately.
-RESUMABLE_KEYS = {"manifests", "out_dir", "cache_dir", "num_workers", "device", "save_every", "keep_checkpoints",
-                  "log_every", "progress", "epochs", "max_steps", "cache_memory_mb", "torch_threads"}
+RESUMABLE_KEYS = {"manifests", "task_files", "out_dir", "cache_dir", "num_workers", "device", "save_every",
+                  "keep_checkpoints", "log_every", "progress", "epochs", "max_steps", "cache_memory_mb", "torch_threads"}
 
 
 @dataclass
@@ -75,6 +79,8 @@ class EncoderSize:
 class PretrainConfig:
     manifests: list[str] = field(default_factory=list)
     exclude_splits: list[str] = field(default_factory=lambda: ["test"])
+    task_files: list[str] = field(default_factory=list)  # the run's task definitions ([] = built-in T1-T9)
+    tasks: list[str] = field(default_factory=list)       # extra task names of the run
     out_dir: str = "runs/pretrain_audio"
     cache_dir: str = ""  # "" -> <out_dir>/spec_cache
     frontend: FrontendConfig = field(default_factory=FrontendConfig)
@@ -207,11 +213,24 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, callbacks=()) -> Path:
         torch.use_deterministic_algorithms(det)
 
 
+def refuse_zero_shot_audio(cfg: PretrainConfig) -> None:
+    """Self-supervised or not, pretraining is training: no record of a zero-shot-only dataset may enter it.
+
+    Rows in ``exclude_splits`` never enter; every other row of a dataset that the run's tasks
+    (``task_files`` + ``tasks``, default T1-T9) use only zero-shot is refused with the count.
+    """
+    tasks = run_tasks(cfg.task_files, cfg.tasks)
+    used = tuple(s for s in SPLITS if s not in set(cfg.exclude_splits))
+    for m in cfg.manifests:
+        refuse_zero_shot_rows(read_manifest(m), tasks, stage="pretrain-audio", splits=used, path=m)
+
+
 def _pretrain(cfg: PretrainConfig, resume: bool, callbacks) -> Path:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     acc = make_accelerator(cfg.device, cfg.precision, out)
     world, main = acc.num_processes, acc.is_main_process
+    refuse_zero_shot_audio(cfg)
     with acc.main_process_first():  # rank 0 fills the cache; the others then read it
         items = pd.collect_audio(cfg.manifests, cfg.exclude_splits)
         recordings, errors = pd.build_spectrogram_cache(
@@ -251,11 +270,14 @@ def _pretrain(cfg: PretrainConfig, resume: bool, callbacks) -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, "YAML config (see configs/pretrain_audio*.yaml); defaults otherwise",
+    add_config_arguments(parser, "YAML config (configs/pretrain_audio.yaml, configs/cpu/pretrain_audio.yaml); defaults otherwise",
                          "--set batch_size=32 --set encoder.embed_dim=16")
     parser.add_argument("--manifest", action="append", default=[], help="manifest CSV (repeatable; replaces manifests)")
     parser.add_argument("--out", help="output directory (overrides out_dir)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (overrides torch_threads)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (plain progress lines on stderr instead; overrides progress)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -264,6 +286,12 @@ def run(args: argparse.Namespace) -> int:
         overrides.append("manifests=" + json.dumps(args.manifest))
     if args.out:
         overrides.append("out_dir=" + json.dumps(args.out))
+    if args.threads is not None:
+        if args.threads < 0:
+            raise ConfigError(f"--threads must be >= 0, got {args.threads}")
+        overrides.append(f"torch_threads={args.threads}")
+    if args.no_progress:
+        overrides.append("progress=false")
     cfg = load_config(PretrainConfig, args.config, overrides)
     final = pretrain(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:  # one line per run, not per process

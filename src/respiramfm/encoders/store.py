@@ -47,6 +47,8 @@ from respiramfm.cache.view import EmbeddingStore, read_embeddings, write_view
 from respiramfm.data.records import read_manifest, resolve_audio_path
 from respiramfm.encoders.registry import get_encoder
 from respiramfm.errors import DataError, RespiraMFMError
+from respiramfm.utils.progress import add_run_flags, apply_threads_flag
+from respiramfm.utils.progress import progress as progress_bar
 from respiramfm.utils.io import atomic_write_json, sha256_file
 
 __all__ = ["embed_manifest", "EmbeddingStore", "read_embeddings", "add_arguments", "run"]
@@ -277,8 +279,8 @@ def embed_manifest(manifest: str | os.PathLike, out_dir: str | os.PathLike, enco
         order = [i for r in range(state.num_processes) for i in range(r, len(batches), state.num_processes)]
         with state.split_between_processes(order) as mine:
             n_clips = sum(len(batches[i]) for i in mine)
-            bar = tqdm(total=n_clips, unit="clip", desc=f"embed {enc.name}",
-                       disable=(not progress or not state.is_main_process) or None)
+            bar = (progress_bar(n_clips, f"embed {enc.name}", "clip", enabled=progress) if state.is_main_process
+                   else tqdm(total=n_clips, disable=True))
             with ThreadPoolExecutor(num_workers) if num_workers > 0 else contextlib.nullcontext() as pool:
                 for i in mine:
                     arrays, failed = _compute_batch(batches[i], enc, cfg, device, tokens, pool)
@@ -344,12 +346,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=None, help="shared content-addressed cache (default OUT/cache)")
     parser.add_argument("--num-workers", type=int, default=0, help="threads decoding audio (0: in line)")
     parser.add_argument("--retry-errors", action="store_true", help="retry files that failed in an earlier run")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_flags(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
+    apply_threads_flag(args.threads)
     meta = embed_manifest(args.manifest, args.out, args.encoder, checkpoint=args.checkpoint,
                           batch_size=args.batch_size, device=args.device, crop=args.crop,
                           input_sec=args.input_sec, tokens=args.tokens, cache_dir=args.cache_dir,

@@ -27,6 +27,7 @@ a system that reaches a similar AUROC may be reading the recording setup, not th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from collections import defaultdict
@@ -167,6 +168,43 @@ def format_audit(result: dict) -> str:
         note = f"  ({f['note']})" if f.get("note") else ""
         lines.append(f"{f['field']:<12} {f['known']:>6}  {f['auroc']:.3f}{ci_text}{note}{flag}")
     return "\n".join(lines + [f"WARNING: {w}" for w in result["warnings"]])
+
+
+def audit_eval(data, threshold: float = THRESHOLD, n_boot: int = 200, log=print) -> dict:
+    """The audit of every task of an evaluation (``EvalData``), all splits, as ``evaluate`` runs it.
+
+    Returns ``{"threshold", "audits", "warnings"}``; a task without labelled records (or
+    fewer than two patients in a class) is listed with its reason instead of failing the run.
+    """
+    origin: dict[str, Path] = {}
+    for m in data.manifests:
+        for r in read_manifest(m):
+            origin[r.record_id] = Path(m).parent
+    recs = [dataclasses.replace(r, audio_path=str(resolve_audio_path(r, origin.get(r.record_id, Path("."))) or ""))
+            if r.audio_path else r for r in data.records]
+    audits, warnings = [], []
+    for name, task in data.tasks.items():
+        try:
+            res = audit_task(recs, task, Path("."), n_boot=n_boot, threshold=threshold)
+        except DataError as exc:
+            audits.append({"task": name, "error": exc.cause})
+            continue
+        audits.append(res)
+        warnings += res["warnings"]
+    for w in warnings:
+        log(f"[evaluate] WARNING: {w}")
+    return {"threshold": threshold, "audits": audits, "warnings": warnings}
+
+
+def shortcut_section(summary: dict) -> str:
+    """The results.md section of the audit's warnings ("" when the run has no audit or no warning)."""
+    found = (summary.get("shortcuts") or {}).get("warnings") or []
+    if not found:
+        return ""
+    return ("\n## Shortcut warnings (metadata alone predicts the label)\n\n"
+            + "".join(f"- {w}\n" for w in found)
+            + "\nSee `respiramfm audit` (docs/own-data.md): a system near these AUROCs may not be hearing the "
+              "disease.\n")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

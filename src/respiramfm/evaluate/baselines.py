@@ -11,8 +11,9 @@ Systems (names as registered):
 
 * ``respllm`` — RespLLM re-implemented (:mod:`respiramfm.evaluate.baselines_llm`):
   linear projector trained end to end with the LoRA, FlattenHead by default;
-* ``no_alignment`` — RespiraMFM with a random-init MLP projector trained end to end
-  (stage 2 without stage 1);
+* ``no_alignment_linear`` — the paper's alignment ablation: stage 2 without stage 1, a
+  random-init LINEAR projector trained end to end with the LoRA;
+* ``no_alignment`` — ours: the same with RespiraMFM's MLP+LayerNorm projector (random init);
 * ``audio_only`` / ``text_only`` — RespiraMFM trained and tested in that mode;
 * ``missing_text`` — a multimodal RespiraMFM tested with every context removed;
 * ``bts_frozen`` — **frozen-feature BTS-style** baseline: audio embedding ‖ text
@@ -22,10 +23,16 @@ Systems (names as registered):
 * ``qwen2_audio`` — generative Qwen2-Audio (:mod:`respiramfm.evaluate.qwen2audio`),
   registered only as a scorer: it needs user-supplied weights (``options["model"]``).
 
-``options`` of the LLM systems are dotted ``FinetuneConfig`` overrides
-(``{"epochs": 2, "model.backbone": "tiny-llama", ...}``) applied over ``options["finetune"]``
-when given (a FinetuneConfig: the protocol's RespiraMFM training config) plus the system's own keys
-(documented on each function). ``options["quick"]`` (set by the protocol) caps epochs at 2.
+**One budget.** Every LLM system trains with ``options["budget"]``, the run's shared budget
+(:mod:`respiramfm.evaluate.budget`: optimiser, schedule, epochs, batch, validation cadence,
+patience, mixing), and writes the budget it used to ``work_dir/budget.json``; ``bts_frozen``
+is not trained by gradient descent and its record says so.
+
+``options`` of the LLM systems are dotted ``FinetuneConfig`` overrides of the MODEL and run
+settings (``{"model.backbone": "tiny-llama", ...}``) applied over ``options["finetune"]`` (the
+protocol's stage-2 config) plus the system's own keys (documented on each function). A budget
+key there is refused: a system trains with another budget only through an explicit
+``options["budget"]`` mapping (:func:`respiramfm.evaluate.budget.options_budget`).
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from respiramfm.config import apply_overrides, from_dict, to_dict
 from respiramfm.errors import ConfigError, DataError
 from respiramfm.evaluate.baselines_llm import (EndToEndConfig, build_no_alignment, build_respllm, predict_prepared,
                                                prepare_raw, train_end_to_end)
+from respiramfm.evaluate.budget import apply_budget, options_budget, refuse_implicit, write_budget
 from respiramfm.evaluate.layout import finetune_dir
 from respiramfm.evaluate.registry import BTS_LABEL
 from respiramfm.evaluate.systems import predict_tasks, trained_respiramfm
@@ -54,19 +62,23 @@ from respiramfm.fusion.train_config import FinetuneConfig
 from respiramfm.llm.text_embed import text_targets
 from respiramfm.models.fusion import load_configured_backbone
 from respiramfm.utils.io import atomic_write_json
-OWN_KEYS = {"quick", "head", "d_ff", "e2e", "text_encoder", "c_grid", "projector_hidden"}
+# system options that are not FinetuneConfig overrides (finetune_run: the protocol's, read by `respiramfm` only)
+OWN_KEYS = {"quick", "head", "d_ff", "budget", "text_encoder", "c_grid", "projector_hidden", "finetune_run"}
+BTS_NOTE = "logistic regression on frozen features, C chosen on validation"
 
 
 # --------------------------------------------------------------------------- shared helpers
 
 
-def finetune_config(data, seed: int, work_dir: Path, options: dict, **fixed):
-    """A ``FinetuneConfig`` on the protocol's data.
+def finetune_config(data, seed: int, work_dir: Path, options: dict, system: str = "", **fixed):
+    """A ``FinetuneConfig`` on the protocol's data, trained with the unit's budget.
 
     Base: ``options["finetune"]`` (a FinetuneConfig or dict, e.g. the protocol's own
     RespiraMFM training config, so ablations train exactly like the full model), else the
-    defaults; then the dotted overrides in ``options``; ``fixed`` and the data paths win.
+    defaults; then the dotted model/run overrides in ``options``; ``fixed`` and the data paths
+    win; last, the budget keys are set from ``options["budget"]`` (:func:`options_budget`).
     """
+    refuse_implicit({k: v for k, v in options.items() if k not in {"finetune", "budget"}}, system or "this system")
     base = options.get("finetune")
     tree = to_dict(base) if base is not None else to_dict(FinetuneConfig())
     sets = {"manifests": list(data.manifests), "task_files": list(data.task_files),
@@ -77,9 +89,7 @@ def finetune_config(data, seed: int, work_dir: Path, options: dict, **fixed):
     sets["seed"] = int(seed)
     cfg = from_dict(FinetuneConfig, apply_overrides(tree, [f"{k}={json.dumps(v)}" for k, v in sets.items()]),
                     where="options")
-    if options.get("quick"):
-        cfg.epochs = min(cfg.epochs, 2)
-    return cfg
+    return apply_budget(cfg, options_budget(options, system).budget)
 
 
 def build_test_examples(data, need_audio: bool, audio_store=None):
@@ -114,7 +124,9 @@ def _finetuned(data, seed, work_dir, options, mode: str):
     fixed = {"model.mode": mode} if mode != "multimodal" else {}
     if mode == "text_only":
         fixed["projector"] = ""
-    cfg = finetune_config(data, seed, work_dir, options, **fixed)
+    system = mode if mode != "multimodal" else "respiramfm"
+    cfg = finetune_config(data, seed, work_dir, options, system, **fixed)
+    write_budget(work_dir, system, options_budget(options, system))
     fdata = load_finetune_data(cfg.manifests, cfg.audio_store, cfg.tasks, cfg.task_files, cfg.val_fraction,
                                need_audio=mode != "text_only")
     with torch.random.fork_rng(devices=[]):
@@ -145,7 +157,7 @@ def missing_text(data, seed: int, work_dir: Path, options: dict) -> dict:
     Trained exactly like the ``respiramfm`` system; with the same ``finetune_dir`` option it
     reuses that system's run, so the two rows differ only in the missing text.
     """
-    model, cfg = trained_respiramfm(data, seed, work_dir, options)
+    model, cfg = trained_respiramfm(data, seed, work_dir, options, system="missing_text")
     return predict_tasks(model, data, batch_size=cfg.eval_batch_size, drop_context=True)
 
 
@@ -153,12 +165,11 @@ def missing_text(data, seed: int, work_dir: Path, options: dict) -> dict:
 
 
 def _end_to_end(data, seed, work_dir, options, kind: str) -> dict:
-
-    cfg = finetune_config(data, seed, work_dir, options, projector="")
-    e2e = from_dict(EndToEndConfig, {**dict(options.get("e2e") or {}), "seed": seed}, where="options.e2e")
-    if options.get("quick"):
-        e2e.epochs = min(e2e.epochs, 2)
-    e2e.precision = e2e.precision or cfg.precision
+    """RespLLM or a no-alignment ablation: the projector trains with the LoRA under the unit's budget."""
+    cfg = finetune_config(data, seed, work_dir, options, kind, projector="")
+    unit = options_budget(options, kind)
+    run = EndToEndConfig(eval_batch_size=cfg.eval_batch_size, precision=cfg.precision, seed=int(seed),
+                         group_by_task=cfg.group_by_task, group_by_length=cfg.group_by_length)
     fdata = load_finetune_data(cfg.manifests, cfg.audio_store, cfg.tasks, cfg.task_files, cfg.val_fraction)
     in_dim = int(fdata.train.audio.shape[-1])
     if kind == "respllm":
@@ -166,9 +177,9 @@ def _end_to_end(data, seed, work_dir, options, kind: str) -> dict:
                               d_ff=int(options.get("d_ff", 32)), seed=seed, tasks=fdata.tasks)
     else:
         model = build_no_alignment(cfg.model, in_dim, hidden=int(options.get("projector_hidden", 1024)), seed=seed,
-                                   tasks=fdata.tasks)
-    result = train_end_to_end(model, fdata, e2e)
-    Path(work_dir).mkdir(parents=True, exist_ok=True)
+                                   tasks=fdata.tasks, projector="linear" if kind == "no_alignment_linear" else "mlp")
+    write_budget(work_dir, kind, unit)
+    result = train_end_to_end(model, fdata, unit.budget, run)
     atomic_write_json(Path(work_dir) / "training.json", {"system": kind, "selected_on": "validation",
                                                          "best": result["best"], "evals": result["evals"]})
     ex = build_test_examples(data, True, cfg.audio_store)
@@ -176,14 +187,19 @@ def _end_to_end(data, seed, work_dir, options, kind: str) -> dict:
 
 
 def respllm(data, seed: int, work_dir: Path, options: dict) -> dict:
-    """RespLLM: options ``head`` ("flatten" | "last"), ``d_ff`` (32), ``e2e`` (EndToEndConfig dict),
+    """RespLLM: options ``head`` ("flatten" | "last"), ``d_ff`` (32),
     ``model.n_audio_tokens`` (1 or 64; 64 needs ``audio_store`` = a ``respiramfm embed --tokens`` store)."""
     return _end_to_end(data, seed, work_dir, options, "respllm")
 
 
 def no_alignment(data, seed: int, work_dir: Path, options: dict) -> dict:
-    """Alignment ablation: random-init MLP projector trained end to end (``projector_hidden``, ``e2e``)."""
+    """Alignment ablation, ours: random-init MLP+LayerNorm projector trained end to end (``projector_hidden``)."""
     return _end_to_end(data, seed, work_dir, options, "no_alignment")
+
+
+def no_alignment_linear(data, seed: int, work_dir: Path, options: dict) -> dict:
+    """Alignment ablation, the paper's: random-init linear projector trained end to end (stage 2 without stage 1)."""
+    return _end_to_end(data, seed, work_dir, options, "no_alignment_linear")
 
 
 # --------------------------------------------------------------------------- BTS-style (frozen features)
@@ -286,8 +302,9 @@ def bts_frozen(data, seed: int, work_dir: Path, options: dict) -> dict:
     """BTS-style frozen-feature baseline (see :data:`BTS_LABEL`): ``text_encoder`` "minilm" | "llm",
     ``c_grid``. The classifier is pooled over the supervised tasks (like the shared head), so the
     zero-shot tasks are scored by the same model."""
-    cfg = finetune_config(data, seed, work_dir, options, projector="")
+    cfg = finetune_config(data, seed, work_dir, options, "bts_frozen", projector="")
     fdata = load_finetune_data(cfg.manifests, cfg.audio_store, cfg.tasks, cfg.task_files, cfg.val_fraction)
+    write_budget(work_dir, "bts_frozen", None, note=BTS_NOTE)
     predict, info = fit_bts_frozen(fdata.train, fdata.val, str(options.get("text_encoder", "minilm")),
                                    tuple(options.get("c_grid", (0.01, 0.1, 1.0, 10.0))), seed, copy.deepcopy(cfg.model))
     Path(work_dir).mkdir(parents=True, exist_ok=True)
@@ -298,4 +315,4 @@ def bts_frozen(data, seed: int, work_dir: Path, options: dict) -> dict:
 
 __all__ = ["BTS_LABEL", "as_predictions", "audio_only", "bts_frozen", "build_test_examples",
            "finetune_config", "fit_bts_frozen", "minilm_dir", "minilm_embed", "missing_text", "no_alignment",
-           "predict_fusion", "respllm", "text_only"]
+           "no_alignment_linear", "predict_fusion", "respllm", "text_only"]

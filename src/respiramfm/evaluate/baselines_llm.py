@@ -11,45 +11,52 @@ trainer projects once and caches, which is only valid for a frozen projector).
   ``Linear(in_dim, d_llm)`` projector, no stage 1, RespLLM prompt wording, 1 pooled
   audio token or the 64-token OPERA-CT grid (``respiramfm embed --tokens``), and either
   RespLLM's ``FlattenHead`` (first ``d_ff`` = 32 channels of the last hidden state at the
-  last ``n_audio_tokens`` positions, flattened channel-major ``c * P + p``, then
+  ``n_audio_tokens`` AUDIO positions, flattened channel-major ``c * P + p``, then
   ``Linear(32 * P, 2)``, dropout 0) or our last-token linear head. Differences from the
   released code, all deliberate:
 
   - we pass a correct attention mask (RespLLM passed none, so its eos pads were attended);
-    with the mask the "last ``P`` positions" are the last ``P`` *real* positions of each row;
+  - the head reads the audio positions wherever ``model.order`` puts the audio (RespLLM's
+    [prompt, context, audio] has them last, which is what its "last ``P`` positions" meant);
   - OPERA-CT runs with its real weights in eval mode (the release never loaded them);
   - model selection uses the RespiraMFM rule (mean validation AUROC, or validation loss
     with ``select_metric="loss"``; RespLLM used early stopping on summed validation loss,
     patience 2) — never test;
-  - task mixing defaults to ``proportional`` (RespLLM's sampler: a task per step with
-    probability proportional to its batch count, epoch ends when the first task runs out);
+  - it trains with the run's shared budget (:mod:`respiramfm.evaluate.budget`) like every other
+    system, not RespLLM's (Adam 1e-4, batch 32, 40 epochs, proportional mixing, patience 2), so
+    a comparison measures the model, not the optimiser; an explicit per-system override can
+    restore RespLLM's own budget;
   - the LLM is whatever backbone the comparison uses (the release used Llama-class 7-8B models).
 
-* **No alignment** (:func:`build_no_alignment`): RespiraMFM's MLP projector, randomly
-  initialised and trained end to end with the LoRA — stage 2 without stage 1 — with
-  RespiraMFM's prompt, pooling and head. The paper's alignment ablation.
+* **No alignment** (:func:`build_no_alignment`): stage 2 without stage 1, with RespiraMFM's
+  prompt, pooling and head and a randomly initialised projector trained end to end with the
+  LoRA: ``projector="linear"`` is the paper's ablation (one ``Linear(in_dim, d_llm)``);
+  ``projector="mlp"`` is ours, RespiraMFM's own MLP+LayerNorm projector untrained by stage 1,
+  which isolates stage 1 from the projector's shape.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, replace
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from respiramfm.errors import ConfigError, DataError
+from respiramfm.evaluate.budget import check_budget
 from respiramfm.fusion.data import plan_epoch, prepare_examples, resolved_items
 from respiramfm.fusion.infer import predict_proba, shared_prefix_logits, validation_metrics
-from respiramfm.fusion.train_config import SELECT_KEYS
 from respiramfm.models.configuration import FusionConfig, ProjectorConfig
 from respiramfm.models.fusion import RespiraMFM, load_configured_backbone
 from respiramfm.models.projector import Projector
-from respiramfm.training.config import Budget, OptimConfig, RunSettings
+from respiramfm.training.config import Budget, RunSettings
 from respiramfm.training.engine import TrainTask, Trainer, make_accelerator
 
 HEADS = ("last", "flatten")
+PROJECTORS = ("mlp", "linear")  # no-alignment ablation: ours (MLP + LayerNorm) | the paper's (one Linear)
 
 
 class EndToEndModel(RespiraMFM):
@@ -79,23 +86,29 @@ class EndToEndModel(RespiraMFM):
             out = out * (self._embed_norm / out.norm(dim=-1, keepdim=True).clamp_min(1e-6))
         return out
 
-    def flatten_features(self, hidden: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
-        """(B, L, H) states -> (B, d_ff * P): channels ``:d_ff`` at the last ``P`` real positions, channel-major."""
+    def flatten_features(self, hidden: torch.Tensor, audio_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, H) states -> (B, d_ff * P): channels ``:d_ff`` at each row's ``P`` audio positions
+        (``audio_mask``, the batch's (B, L) audio columns, whatever ``model.order`` is), channel-major."""
         p = self.cfg.n_audio_tokens
-        pos = last_index.to(hidden.device)[:, None] - torch.arange(p - 1, -1, -1, device=hidden.device)[None]
-        if bool((pos < 0).any()):
-            raise DataError(f"a sequence is shorter than the {p} positions FlattenHead reads")
+        mask = audio_mask.to(hidden.device).bool()
+        counts = mask.sum(dim=1)
+        if bool((counts != p).any()):
+            raise DataError(f"FlattenHead reads {p} audio positions per sequence; the batch has "
+                            f"{sorted(set(counts.tolist()))} (every RespLLM input needs its audio)")
+        pos = torch.nonzero(mask, as_tuple=True)[1].reshape(hidden.shape[0], p)  # row-major: ascending per row
         rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
         states = hidden[rows, pos][..., : self.d_ff]          # (B, P, d_ff)
         return states.transpose(1, 2).reshape(hidden.shape[0], self.d_ff * p)  # index c * P + p
 
     def forward_embeds(self, inputs_embeds, attention_mask, position_ids, last_index, past_key_values=None,
-                       output_attentions: bool = False):
+                       output_attentions: bool = False, audio_mask: torch.Tensor | None = None):
         if self.head_kind == "last":
             return super().forward_embeds(inputs_embeds, attention_mask, position_ids, last_index,
                                           past_key_values, output_attentions)
+        if audio_mask is None:
+            raise ConfigError("the FlattenHead reads the audio positions: this forward path gives no audio_mask")
         hidden, _ = self._run(inputs_embeds, attention_mask, position_ids, past_key_values, output_attentions)
-        return self.head(self.flatten_features(hidden, last_index).to(self.head.weight.dtype))
+        return self.head(self.flatten_features(hidden, audio_mask).to(self.head.weight.dtype))
 
     def save_pretrained(self, directory, extra: dict | None = None):
         if self.head_kind == "flatten":
@@ -121,15 +134,26 @@ def build_respllm(cfg: FusionConfig, in_dim: int, head: str = "flatten", d_ff: i
 
 
 def build_no_alignment(cfg: FusionConfig, in_dim: int, hidden: int = 1024, final: str = "layernorm",
-                       dropout: float = 0.1, seed: int = 0, tasks: dict | None = None) -> EndToEndModel:
-    """RespiraMFM with its MLP projector randomly initialised and trained end to end (no stage 1)."""
+                       dropout: float = 0.1, seed: int = 0, tasks: dict | None = None,
+                       projector: str = "mlp") -> EndToEndModel:
+    """RespiraMFM without stage 1: a random-init projector trained end to end with the LoRA.
+
+    ``projector="linear"``: one ``Linear(in_dim, d_llm)`` (the paper's ablation; ``hidden``,
+    ``final`` and ``dropout`` do not apply); ``"mlp"``: RespiraMFM's own projector (ours).
+    """
+    if projector not in PROJECTORS:
+        raise ConfigError(f"projector must be one of {PROJECTORS}, got {projector!r}")
     cfg, backbone = _backbone_and_cfg(cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        proj = Projector(ProjectorConfig(kind="mlp", in_dim=in_dim, hidden=hidden, out_dim=backbone.hidden_size,
-                                         dropout=dropout, final=final))
-        return EndToEndModel(cfg, proj, backbone=backbone, head="last", tasks=tasks,
-                             provenance={"note": "no-alignment ablation: random-init projector trained end to end"})
+        if projector == "linear":
+            pcfg = ProjectorConfig(kind="linear", in_dim=in_dim, out_dim=backbone.hidden_size, final="none")
+        else:
+            pcfg = ProjectorConfig(kind="mlp", in_dim=in_dim, hidden=hidden, out_dim=backbone.hidden_size,
+                                   dropout=dropout, final=final)
+        return EndToEndModel(cfg, Projector(pcfg), backbone=backbone, head="last", tasks=tasks,
+                             provenance={"note": f"no-alignment ablation: random-init {projector} projector "
+                                                 "trained end to end"})
 
 
 # --------------------------------------------------------------------------- training
@@ -137,27 +161,19 @@ def build_no_alignment(cfg: FusionConfig, in_dim: int, hidden: int = 1024, final
 
 @dataclass
 class EndToEndConfig:
-    lr: float = 1e-4             # RespLLM: Adam 1e-4, no weight decay, no schedule
-    optimizer: str = "adam"      # adam | adamw
-    weight_decay: float = 0.0
-    batch_size: int = 32
-    epochs: int = 40
-    mixing: str = "proportional"  # RespLLM's sampler; "concat" = RespiraMFM's
-    select_metric: str = "auroc"  # RespiraMFM's rule (mean validation AUROC); "loss" = validation CE
-    patience: int = 2
+    """How an end-to-end run is carried out; WHAT it trains with is the shared :class:`Budget`."""
+
     eval_batch_size: int = 32
-    precision: str = ""           # fp32 | bf16 (autocast); "" = the protocol's fine-tuning precision
+    precision: str = ""           # fp32 | bf16 (autocast); "" = fp32 (the protocol passes stage 2's)
     seed: int = 42
+    group_by_task: bool = True    # as stage 2's (the protocol passes the run's finetune settings)
+    group_by_length: bool = True
 
     def validate(self) -> "EndToEndConfig":
-        if self.optimizer not in ("adam", "adamw"):
-            raise ConfigError(f"optimizer must be adam or adamw, got {self.optimizer!r}")
-        if self.select_metric not in ("auroc", "loss"):
-            raise ConfigError(f"select_metric must be auroc or loss, got {self.select_metric!r}")
-        if self.precision not in ("", "fp32", "bf16"):
-            raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
-        if self.batch_size < 1 or self.epochs < 1 or self.patience < 0 or not self.lr > 0:
-            raise ConfigError("batch_size and epochs must be >= 1, patience >= 0, lr > 0")
+        if self.precision not in ("", "fp32", "bf16", "auto"):
+            raise ConfigError(f"precision must be fp32, bf16 or auto, got {self.precision!r}")
+        if self.eval_batch_size < 1:
+            raise ConfigError("eval_batch_size must be >= 1")
         return self
 
 
@@ -215,24 +231,21 @@ def _evaluate(model, prep, batch_size: int, acc) -> dict:
     return validation_metrics(model, replace(prep, audio=projected), acc, batch_size)
 
 
-def end_to_end_budget(cfg: EndToEndConfig) -> Budget:
-    """The engine's budget: Adam(W) at a constant rate, one validation per epoch, selection with patience."""
-    optim = OptimConfig(optimizer=cfg.optimizer, lr=cfg.lr, betas=[0.9, 0.999], eps=1e-8,
-                        weight_decay=cfg.weight_decay, schedule="constant")
-    key, mode = SELECT_KEYS[cfg.select_metric]
-    return Budget(optim=optim, epochs=cfg.epochs, batch_size=cfg.batch_size, eval_every=0, select_metric=key,
-                  select_mode=mode, patience=cfg.patience)
-
-
 class EndToEndTask(TrainTask):
-    """LoRA + head + projector for the engine: each batch's audio is projected with autograd."""
+    """LoRA + head + projector for the engine: each batch's audio is projected with autograd.
+
+    Step batches are planned like stage 2's (:func:`respiramfm.fusion.data.plan_epoch` with the
+    budget's batch, accumulation and mixing), and the step loss is the mean over the step batch.
+    """
 
     evaluates = True
 
-    def __init__(self, model: EndToEndModel, train, val, cfg: EndToEndConfig, acc):
+    def __init__(self, model: EndToEndModel, train, val, budget: Budget, cfg: EndToEndConfig, acc):
         self.model, self.train, self.val, self.cfg, self.acc = model, train, val, cfg, acc
-        self.plans = [plan_epoch(train.tasks, train.lengths, cfg.batch_size, cfg.mixing, cfg.seed, e)
-                      for e in range(cfg.epochs)]
+        step = budget.batch_size * budget.grad_accum
+        self.plans = [plan_epoch(train.tasks, train.lengths, step, budget.mixing, cfg.seed, e, cfg.group_by_task,
+                                 cfg.group_by_length, min_size=budget.grad_accum) for e in range(budget.epochs)]
+        self._scale = 1.0
 
     def steps_in_epoch(self, epoch: int) -> int:
         return len(self.plans[epoch])
@@ -240,28 +253,37 @@ class EndToEndTask(TrainTask):
     def batches(self, epoch: int, start: int):
         return self.plans[epoch][start:]
 
+    def micro_batches(self, batch, accum: int) -> Sequence:
+        self._scale = 1.0 / len(batch)
+        return super().micro_batches(batch, accum)
+
     def compute_loss(self, batch):
         with self.acc.autocast():  # bf16 for the training forward only; validation stays fp32
             logits = shared_prefix_logits(self.model, resolved_batch(self.model, self.train, batch.tolist()))
-        return torch.nn.functional.cross_entropy(logits.float(), self.train.labels[batch].to(logits.device)), {}
+        labels = self.train.labels[batch].to(logits.device)
+        return torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum") * self._scale, {}
 
     def evaluate(self) -> dict:
         return _evaluate(self.model, self.val, self.cfg.eval_batch_size, self.acc)
 
 
-def train_end_to_end(model: EndToEndModel, data, cfg: EndToEndConfig, callbacks=()) -> dict:
-    """Train LoRA + head + projector on ``data.train``; keep the best state on ``data.val``.
+def train_end_to_end(model: EndToEndModel, data, budget: Budget, cfg: EndToEndConfig | None = None,
+                     callbacks=()) -> dict:
+    """Train LoRA + head + projector on ``data.train`` under ``budget``; keep the best state on ``data.val``.
 
-    ``data`` is a :class:`respiramfm.fusion.data.FinetuneData` (it holds no test record).
-    Returns ``{"best": eval row, "evals": [...], "steps": n}``; ``model`` ends in the best state.
-    The loop is the shared engine's (:mod:`respiramfm.training`), in memory (no checkpoints).
+    ``data`` is a :class:`respiramfm.fusion.data.FinetuneData` (it holds no test record);
+    ``budget`` is the run's shared one (:mod:`respiramfm.evaluate.budget`), the same every
+    other system trains with. Returns ``{"best": eval row, "evals": [...], "steps": n}``;
+    ``model`` ends in the best state. The loop is the shared engine's (:mod:`respiramfm.training`),
+    in memory (no checkpoints).
     """
-    cfg.validate()
+    cfg = (cfg or EndToEndConfig()).validate()
+    check_budget(budget)
     train, val = prepare_raw(model, data.train), prepare_raw(model, data.val)
     acc = make_accelerator("cpu" if model.device.type == "cpu" else "auto", cfg.precision or "no")
     run = RunSettings(name="end-to-end", progress=False, dropout_seed=cfg.seed)
     with torch.random.fork_rng(devices=[]):
-        trainer = Trainer(EndToEndTask(model, train, val, cfg, acc), end_to_end_budget(cfg), run, accelerator=acc,
+        trainer = Trainer(EndToEndTask(model, train, val, budget, cfg, acc), budget, run, accelerator=acc,
                           callbacks=callbacks)
         st = trainer.fit()
     model.eval()
@@ -270,5 +292,5 @@ def train_end_to_end(model: EndToEndModel, data, cfg: EndToEndConfig, callbacks=
     return {"best": best, "evals": evals, "steps": st["step"], "selected_on": "validation"}
 
 
-__all__ = ["EndToEndConfig", "EndToEndModel", "EndToEndTask", "end_to_end_budget", "HEADS", "build_no_alignment", "build_respllm", "predict_prepared",
-           "prepare_raw", "resolved_batch", "train_end_to_end"]
+__all__ = ["EndToEndConfig", "EndToEndModel", "EndToEndTask", "HEADS", "PROJECTORS", "build_no_alignment",
+           "build_respllm", "predict_prepared", "prepare_raw", "resolved_batch", "train_end_to_end"]

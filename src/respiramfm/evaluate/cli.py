@@ -10,6 +10,7 @@ from respiramfm.evaluate.config import EvaluateConfig
 from respiramfm.evaluate.layout import RunLayout
 from respiramfm.evaluate.protocol import evaluate
 from respiramfm.evaluate.textcheck import run_textcheck
+from respiramfm.utils.progress import apply_threads_flag
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,10 +19,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--textcheck", metavar="DATA_ROOT", default=None,
                         help="instead: the text-only COVID check on the real Coswara/Coughvid metadata under "
                              "DATA_ROOT (writes OUT/textcheck.json)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads for the whole evaluation (default 0: $RESPIRAMFM_THREADS when set, "
+                             "else torch's default); training inside it prints plain progress lines")
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(EvaluateConfig, args.config, args.overrides)
+    apply_threads_flag(args.threads)
     if args.textcheck:
         res = run_textcheck(args.textcheck, out=RunLayout(cfg.out_dir).textcheck)
         print(json.dumps(res, indent=1))

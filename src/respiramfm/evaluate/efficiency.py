@@ -6,7 +6,9 @@ so the subsets are **nested** (1% ⊂ 5% ⊂ ... ⊂ 100%) and every dataset kee
 Validation and test records are never subsampled: selection still runs on the full
 validation split and scores on the full test split. Each subset is written as its own
 manifest (audio paths re-anchored) and the chosen protocol system is retrained on it
-through the protocol's own ``fit_predict`` interface.
+through the protocol's own ``fit_predict`` interface. When the run aligns per seed
+(``stage1``, see :mod:`respiramfm.evaluate.stage1`), stage 1 is subsampled with stage 2: each unit's
+projector is aligned on the same patient subset before the system is retrained.
 
 Outputs in ``out_dir`` (named by :class:`respiramfm.evaluate.layout.EfficiencyLayout`):
 ``data_efficiency.json`` (the protocol report's plot format plus per-task values and failures),
@@ -24,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from respiramfm.data.records import read_manifest, relative_audio_path, resolve_audio_path, write_manifest
+from respiramfm.evaluate.data import write_records_manifest
 from respiramfm.errors import RespiraMFMError
 from respiramfm.evaluate.layout import EfficiencyLayout
 from respiramfm.evaluate.metrics import auroc
@@ -58,18 +60,8 @@ def nested_subsets(records: Sequence, fractions: Sequence[float], seed: int) -> 
 
 def subset_data(data, keep: set[tuple[str, str]], manifest: Path):
     """A copy of the protocol's EvalData whose train split holds only ``keep``'s patients (written to ``manifest``)."""
-    origin = {}
-    for m in data.manifests:
-        for r in read_manifest(m):
-            origin[r.record_id] = Path(m).parent
-    kept = []
-    for r in data.records:
-        if r.split == "train" and (r.dataset, r.patient_id) not in keep:
-            continue
-        audio = resolve_audio_path(r, origin.get(r.record_id))
-        kept.append(replace(r, audio_path=relative_audio_path(audio, manifest) if audio else ""))
-    manifest.parent.mkdir(parents=True, exist_ok=True)
-    write_manifest(kept, manifest)
+    chosen = [r for r in data.records if r.split != "train" or (r.dataset, r.patient_id) in keep]
+    kept = write_records_manifest(data, chosen, manifest)
     return replace(data, records=kept, manifests=[str(manifest)])
 
 
@@ -85,8 +77,12 @@ def task_aurocs(data, preds: dict[str, dict[str, float]], tasks: Sequence[str]) 
 
 
 def data_efficiency(data, system: str, out_dir, seeds: Sequence[int] = (0,), fractions: Sequence[float] = FRACTIONS,
-                    options: dict | None = None, fit_predict=None, log=print) -> dict:
-    """Retrain ``system`` (a registered protocol system, or ``fit_predict``) per fraction and seed."""
+                    options: dict | None = None, fit_predict=None, log=print, stage1=None) -> dict:
+    """Retrain ``system`` (a registered protocol system, or ``fit_predict``) per fraction and seed.
+
+    ``stage1(subset_data, seed, out_dir) -> projector dir``, when given, aligns each unit's projector
+    on the unit's patient subset (``EfficiencyLayout.stage1``) and the system is trained with it.
+    """
     fit_predict = fit_predict or get_system(system)
     layout = EfficiencyLayout(Path(out_dir))
     tasks = list(data.supervised)
@@ -101,6 +97,8 @@ def data_efficiency(data, system: str, out_dir, seeds: Sequence[int] = (0,), fra
                 log(f"[data-efficiency] {system} fraction {f:g} seed {seed}: "
                     f"{len(subsets[float(f)])} training patients")
                 try:
+                    if stage1 is not None:
+                        sub = replace(sub, projector=stage1(sub, int(seed), layout.stage1(f, seed)))
                     found = fit_predict(sub, int(seed), layout.work(f, seed), dict(options or {}))
                 except RespiraMFMError as exc:
                     failures.append({"fraction": f, "seed": seed, "error": str(exc)})

@@ -5,8 +5,9 @@
     OUT/config.yaml, provenance.json              the run's settings and data hashes
     OUT/predictions/SYSTEM/seedN.csv              one (system, seed) unit's test predictions
     OUT/work/SYSTEM/seedN/                        that unit's training (finetune/ for the LLM systems)
+    OUT/stage1/seedN/                             stage 1 (align) of seed N, when the run aligns per seed
     OUT/efficiency/SYSTEM/                        the data-efficiency curve of SYSTEM:
-        runs/fF/seedN/{manifest.csv, predictions.csv, work/}
+        runs/fF/seedN/{manifest.csv, predictions.csv, work/, stage1/}
         data_efficiency.json, data_efficiency.md
     OUT/results.{csv,json,md}, report.html, figures/*.png, textcheck.json
 
@@ -49,6 +50,10 @@ class EfficiencyLayout:
     def work(self, fraction: float, seed: int) -> Path:
         return self.unit(fraction, seed) / "work"
 
+    def stage1(self, fraction: float, seed: int) -> Path:
+        """The projector aligned on the unit's patient subset."""
+        return self.unit(fraction, seed) / "stage1"
+
     @property
     def summary(self) -> Path:
         return self.root / "data_efficiency.json"
@@ -81,6 +86,15 @@ class RunLayout:
 
     def work(self, system: str, seed: int) -> Path:
         return self.root / "work" / system / f"seed{int(seed)}"
+
+    def stage1(self, seed: int) -> Path:
+        """Stage 1 (``respiramfm align``) of ``seed`` when the run aligns per seed."""
+        return self.root / "stage1" / f"seed{int(seed)}"
+
+    @property
+    def stage1_manifest(self) -> Path:
+        """The run's records as one manifest (stage 1 reads one) when the run has several."""
+        return self.root / "stage1" / "manifest.csv"
 
     def finetune_run(self, system: str, seed: int, custom: str = "") -> Path:
         """The stage-2 run of a unit (a shared ``finetune_dir`` option when the config names one)."""

@@ -76,6 +76,21 @@ def _weighted_auroc(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> np.ndarray:
         return np.where(den > 0, num / den, np.nan)
 
 
+def patient_weights(cluster: np.ndarray, n_patients: int, n_boot: int, seed: int = 0, chunk: int = 250):
+    """Per-record weight matrices (b, n) of a patient-level bootstrap, ``chunk`` replicates at a time.
+
+    ``cluster[i]`` is record i's patient index in ``range(n_patients)``. Each replicate draws
+    ``n_patients`` patients with replacement (a multinomial count per patient); a record's weight
+    is its patient's count. Seeded: the same inputs and seed give the same replicates, so every
+    statistic computed on them (AUROC, operating points) uses the same resamples.
+    """
+    rng = np.random.default_rng(seed)
+    for start in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - start)
+        counts = rng.multinomial(n_patients, np.full(n_patients, 1.0 / n_patients), size=b).astype(np.float64)
+        yield counts[:, cluster]
+
+
 def bootstrap_auroc(y_true: Sequence[int], prob: Sequence[float], patients: Sequence[str] | None = None,
                     n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
                     chunk: int = 250) -> AurocResult:
@@ -105,21 +120,23 @@ def bootstrap_auroc(y_true: Sequence[int], prob: Sequence[float], patients: Sequ
     if len(uniq) < 2:
         base.reason = "one patient: no bootstrap interval"
         return base
-    rng = np.random.default_rng(seed)
-    stats = []
-    for start in range(0, n_boot, chunk):
-        b = min(chunk, n_boot - start)
-        counts = rng.multinomial(len(uniq), np.full(len(uniq), 1.0 / len(uniq)), size=b).astype(np.float64)
-        w = counts[:, cluster]
-        stats.append(np.mean([_weighted_auroc(y, r, w) for r in rows], axis=0))
+    stats = [np.mean([_weighted_auroc(y, r, w) for r in rows], axis=0)
+             for w in patient_weights(cluster, len(uniq), n_boot, seed, chunk)]
+    base.n_boot, base.ci_low, base.ci_high, base.reason = percentile_interval(stats, n_boot, alpha)
+    return base
+
+
+def percentile_interval(stats, n_boot: int, alpha: float = 0.05) -> tuple[int, float, float, str]:
+    """(usable replicates, low, high, reason) of the bootstrap replicates in ``stats`` (a list of arrays).
+
+    Replicates whose resample lost a class are NaN and left out; fewer than max(10, n_boot/10)
+    usable ones give no interval and say why."""
     s = np.concatenate(stats)
     s = s[np.isfinite(s)]
-    base.n_boot = int(len(s))
     if len(s) < max(10, n_boot // 10):
-        base.reason = f"only {len(s)} of {n_boot} bootstrap replicates held both classes"
-        return base
-    base.ci_low, base.ci_high = (float(v) for v in np.quantile(s, [alpha / 2, 1 - alpha / 2]))
-    return base
+        return int(len(s)), math.nan, math.nan, f"only {len(s)} of {n_boot} bootstrap replicates held both classes"
+    low, high = (float(v) for v in np.quantile(s, [alpha / 2, 1 - alpha / 2]))
+    return int(len(s)), low, high, ""
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
@@ -141,4 +158,5 @@ def format_mean_std(mean: float, std: float, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if np.isfinite(std) else f"{mean:.{digits}f}"
 
 
-__all__ = ["AurocResult", "auroc", "bootstrap_auroc", "format_mean_std", "mean_std", "task_counts"]
+__all__ = ["AurocResult", "auroc", "bootstrap_auroc", "format_mean_std", "mean_std", "patient_weights", "percentile_interval",
+           "task_counts"]

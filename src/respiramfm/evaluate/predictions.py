@@ -3,7 +3,8 @@
 Every (system, seed) unit of the protocol and every unit of the data-efficiency curve writes
 its test predictions with :func:`write_predictions` and reads them with :func:`read_predictions`.
 The writer checks what a system returned: only known tasks, only test records of that task,
-probabilities finite and in [0, 1]. ``patient`` is ``dataset/patient_id`` (the bootstrap's unit).
+probabilities finite and in [0, 1]. ``patient`` is ``dataset/patient_id`` (the bootstrap's unit), with the
+dataset named once (:func:`respiramfm.data.splits.patient_label`: ``kauh/P100``, not ``kauh/kauh/P100``).
 Text cells that look like spreadsheet formulas are written neutralised (``utils.io.csv_cell``) and
 restored on reading.
 """
@@ -16,6 +17,7 @@ import math
 import os
 from pathlib import Path
 
+from respiramfm.data.splits import patient_label
 from respiramfm.errors import DataError
 from respiramfm.utils.io import atomic_write_text, csv_row, csv_value
 
@@ -46,7 +48,7 @@ def write_predictions(path: str | os.PathLike, data, preds: dict, system: str) -
             if not (isinstance(p, (int, float)) and math.isfinite(p) and 0.0 <= p <= 1.0):
                 raise DataError(f"system {system!r}: probability {p!r} for {rid!r} ({task}) is not in [0, 1]")
             r = test[rid]
-            w.writerow(csv_row([rid, f"{r.dataset}/{r.patient_id}", task, labels[rid], repr(float(p))]))
+            w.writerow(csv_row([rid, patient_label(r), task, labels[rid], repr(float(p))]))
             n += 1
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, buf.getvalue())

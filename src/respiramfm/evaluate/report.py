@@ -23,9 +23,12 @@ import torch
 from respiramfm.config import load_config
 from respiramfm.errors import DataError
 from respiramfm.evaluate import report_figures as figs
+from respiramfm.evaluate.budget import budget_markdown, budget_rows
 from respiramfm.evaluate.config import EvaluateConfig
 from respiramfm.evaluate.data import load_eval_data
 from respiramfm.evaluate.layout import RunLayout
+from respiramfm.evaluate.operating import operating_table
+from respiramfm.evaluate.paired import differences_markdown
 from respiramfm.evaluate.predictions import read_predictions
 from respiramfm.evaluate.results import SIM_NOTE, markdown_table
 from respiramfm.evaluate.systems import input_processor
@@ -67,12 +70,12 @@ def _md_table_to_html(md: str) -> str:
     return "\n".join(out)
 
 
-def _roc_figures(layout: RunLayout, summary: dict) -> list[Path]:
+def _task_curves(layout: RunLayout, summary: dict) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """``{task: {system: (labels, probs)}}`` of the first seed's predictions."""
     seed = min(summary["seeds"])
     preds = {system: read_predictions(layout.predictions(system, seed)) for system in summary["systems"]
              if layout.predictions(system, seed).is_file()}
-    paths = []
-    sim = {r["task"]: r["simulated"] for r in summary["rows"]}
+    out = {}
     for task in summary["tasks"]:
         curves = {}
         for system, rows in preds.items():
@@ -80,9 +83,17 @@ def _roc_figures(layout: RunLayout, summary: dict) -> list[Path]:
             if rs:
                 curves[system] = (np.array([r["label"] for r in rs]), np.array([r["prob"] for r in rs]))
         if curves:
-            paths.append(figs.roc_figure(task, curves, layout.figure(f"roc_{task}"), sim.get(task, False),
-                                         subtitle=f"(seed {seed})"))
-    return paths
+            out[task] = curves
+    return out
+
+
+def _roc_figures(layout: RunLayout, summary: dict, kind: str = "roc") -> list[Path]:
+    """One ROC (``kind="roc"``) or reliability (``"reliability"``) figure per task, first seed."""
+    draw = figs.roc_figure if kind == "roc" else figs.reliability_figure
+    sim = {r["task"]: r["simulated"] for r in summary["rows"]}
+    return [draw(task, curves, layout.figure(f"{kind}_{task}"), sim.get(task, False),
+                 subtitle=f"(seed {min(summary['seeds'])})")
+            for task, curves in _task_curves(layout, summary).items()]
 
 
 def attention_examples(model_dir: Path, out: Path, n: int = 3) -> list[dict]:
@@ -141,6 +152,19 @@ def _model_dir(layout: RunLayout, summary: dict, prov: dict) -> Path | None:
     return cand if cand.is_dir() else None
 
 
+def _nan_rows(summary: dict) -> dict:
+    """The summary with JSON nulls of the difference rows read back as NaN."""
+    rows = [{**r, **{k: float("nan") if r.get(k) is None else r[k] for k in ("diff", "ci_low", "ci_high")}}
+            for r in summary["differences"]]
+    return {**summary, "differences": rows}
+
+
+def _first_projector(config: dict, layout: RunLayout, seed: int) -> str:
+    """The projector of the first seed of a run that aligned per seed (reused or trained under OUT/stage1)."""
+    reuse = {str(k): v for k, v in (config.get("seed_projectors") or {}).items()}
+    return reuse.get(str(seed)) or str(layout.stage1(seed))
+
+
 def build_report(out_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None,
                  alignment_figure: str | os.PathLike | None = None) -> Path:
     """Write ``OUT/report.html`` (and ``OUT/figures/*.png``); returns the HTML path."""
@@ -162,11 +186,30 @@ def build_report(out_dir: str | os.PathLike, model_dir: str | os.PathLike | None
     if sim:
         parts.append(f'<p class="sim">{SIM_NOTE}. Every table and figure below uses it.</p>')
     parts += ["<h2>Results</h2>", _md_table_to_html(markdown_table(summary))]
+    shortcuts = (summary.get("shortcuts") or {}).get("warnings") or []
+    if shortcuts:  # evaluate/audit.py: one metadata field alone predicts a task's label
+        parts += ['<h2 class="sim">Shortcut warnings</h2>', "<ul>" + "".join(
+            f"<li>{html.escape(w)}</li>" for w in shortcuts) + "</ul>",
+            "<p>A system that reaches a similar AUROC may be reading the recording setup, not the disease "
+            "(`respiramfm audit`; OUT/results.json holds every field's AUROC).</p>"]
+    if summary.get("differences"):  # evaluate/paired.py
+        ref = summary["differences"][0]["reference"]
+        parts += [f"<h2>Paired differences to {html.escape(ref)}</h2>",
+                  _md_table_to_html(differences_markdown(_nan_rows(summary)))]
 
     parts.append("<h2>ROC curves</h2>")
     parts += [_img(p, p.stem) for p in _roc_figures(layout, summary)]
 
+    if any(r.get("operating") for r in summary["rows"]):  # evaluate/operating.py
+        parts += ["<h2>Operating points</h2>", _md_table_to_html(operating_table(summary).split("\n", 3)[3]),
+                  f"<p>{'SIMULATED data. ' if sim else ''}Reliability diagrams (first seed): fraction of positive "
+                  "records against the mean predicted probability in each bin; the diagonal is perfect "
+                  "calibration.</p>"]
+        parts += [_img(p, p.stem) for p in _roc_figures(layout, summary, kind="reliability")]
+
     align_fig = Path(alignment_figure) if alignment_figure else None
+    if align_fig is None and prov.get("config", {}).get("stage1_per_seed") and summary["seeds"]:
+        align_fig = Path(_first_projector(prov["config"], layout, min(summary["seeds"]))) / "tsne.png"
     if align_fig is None and prov.get("config", {}).get("projector"):
         align_fig = Path(prov["config"]["projector"]) / "tsne.png"
     if align_fig is not None and align_fig.is_file():
@@ -195,6 +238,13 @@ def build_report(out_dir: str | os.PathLike, model_dir: str | os.PathLike | None
                   "on nested fractions of the training patients; mean supervised test AUROC "
                   f"(seeds {html.escape(str(eff.get('seeds')))}).</p>", _img(p, "data efficiency")]
 
+    budgets = budget_rows(layout, summary["systems"], summary["seeds"])  # evaluate/budget.py: budget.json per unit
+    if any(r["record"] for r in budgets):
+        parts += ["<h2>Training budget</h2>", _md_table_to_html(budget_markdown(budgets))]
+    llm = llm_setting((prov.get("config") or {}).get("finetune") or {})
+    if llm:
+        parts += [f"<p><b>LLM depth and LoRA placement.</b> {html.escape(llm)}</p>"]
+
     parts += ["<h2>Configuration and provenance</h2>",
               f"<pre>{html.escape(json.dumps(prov, indent=1, sort_keys=True))}</pre>"]
     title = "RespiraMFM evaluation" + (" (SIMULATED)" if sim else "")
@@ -204,4 +254,19 @@ def build_report(out_dir: str | os.PathLike, model_dir: str | os.PathLike | None
     return layout.report
 
 
-__all__ = ["attention_examples", "build_report"]
+def llm_setting(ft: dict) -> str:
+    """One sentence: the depth and LoRA placement every LLM system of the run trained with (its stage-2 config)."""
+    model = ft.get("model") or {}
+    if not model.get("backbone"):
+        return ""
+    layers = int(model.get("num_layers") or 0)
+    top = int((model.get("lora") or {}).get("top_layers") or 0)
+    depth = f"its first {layers} decoder layers" if layers else "every decoder layer (full depth)"
+    where = f"LoRA on the top {top} of them" if top else "LoRA on every one of them"
+    cached = ("RespiraMFM and its fixed-input ablations trained through the frozen-trunk cache (the layers below "
+              "the LoRA computed once per record); " if ft.get("trunk_cache") and top else "")
+    return (f"Every LLM system used {model['backbone']} with {depth}, {where}; {cached}RespLLM and the no-alignment "
+            "ablations train their projector, so they always run every kept layer uncached.")
+
+
+__all__ = ["attention_examples", "build_report", "llm_setting"]

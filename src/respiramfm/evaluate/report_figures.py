@@ -89,4 +89,26 @@ def efficiency_figure(eff: dict, path: str | os.PathLike) -> Path:
     return _save(fig, Path(path))
 
 
-__all__ = ["attention_figure", "efficiency_figure", "roc_figure"]
+def reliability_figure(task: str, curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike,
+                       simulated: bool, bins: int = 10, subtitle: str = "") -> Path:
+    """Reliability diagram of one task: fraction positive against mean probability per equal-width bin."""
+    from respiramfm.evaluate.operating import reliability_bins
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.2, 4.0))
+    for system, (y, p) in curves.items():
+        pts = [b for b in reliability_bins(y, p, bins) if b["n"]]
+        if pts:
+            ax.plot([b["mean_prob"] for b in pts], [b["frac_pos"] for b in pts], marker="o", label=system)
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel(f"mean predicted probability ({bins} equal-width bins)")
+    ax.set_ylabel("fraction positive")
+    ax.set_title(f"{SIM_TAG if simulated else ''}{task} reliability{(' ' + subtitle) if subtitle else ''}",
+                 fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    return _save(fig, Path(path))
+
+
+__all__ = ["attention_figure", "efficiency_figure", "reliability_figure", "roc_figure"]

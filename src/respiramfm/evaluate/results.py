@@ -16,8 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+from respiramfm.evaluate.audit import shortcut_section
 from respiramfm.evaluate.layout import RunLayout
 from respiramfm.evaluate.metrics import auroc, bootstrap_auroc, format_mean_std, mean_std
+from respiramfm.evaluate.operating import (OP_CSV_FIELDS, operating_csv, operating_table, saved_threshold,
+                                           with_operating_points)
+from respiramfm.evaluate.paired import differences, differences_markdown
 from respiramfm.evaluate.predictions import read_predictions
 from respiramfm.utils.io import atomic_write_json, atomic_write_text, csv_row
 
@@ -58,6 +62,8 @@ def summarise(out: RunLayout | Path, data, systems: list[str], seeds: list[int],
                     b = bootstrap_auroc(y, probs, patients, n_boot=n_boot, seed=0)
                     row.update(ci_low=b.ci_low, ci_high=b.ci_high, n=b.n, n_pos=b.n_pos, n_patients=b.n_patients)
                     row["reason"] = row["reason"] or b.reason
+                    with_operating_points(row, y, probs, patients, n_boot,
+                                          [saved_threshold(layout, system, s, name) for s in by_seed])
                 row["missing"] = n_test - max(len(v) for v in by_seed.values())
             rows.append(row)
     averages = {}
@@ -69,14 +75,34 @@ def summarise(out: RunLayout | Path, data, systems: list[str], seeds: list[int],
                          if np.isfinite(v).any()]
             averages.setdefault(system, {})[group] = {"mean": m, "std": mean_std(seed_avgs)[1] if seed_avgs else math.nan,
                                                       "n_tasks": int(np.isfinite(means).sum())}
+    excluded = getattr(data, "excluded", [])
+    paired = {"n_excluded": len(excluded), "excluded": excluded[:50],
+              "n_per_task": {name: len(t.select(data.split("test"))) for name, t in data.tasks.items()}}
     return {"rows": rows, "averages": averages, "systems": list(systems), "seeds": list(seeds),
-            "tasks": list(data.tasks), "simulated": data.simulated, "n_boot": n_boot}
+            "tasks": list(data.tasks), "simulated": data.simulated, "n_boot": n_boot, "paired": paired,
+            "differences": differences(layout, list(data.tasks), systems, seeds, n_boot=n_boot)}
 
 
 def _fmt_ci(r: dict) -> str:
     if not np.isfinite(r["ci_low"]):
         return ""
     return f" [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+
+
+def _paired_note(summary: dict) -> list[str]:
+    """The sentence saying every system was scored on the same test records (and what was left out)."""
+    paired = summary.get("paired")
+    if not paired:
+        return []
+    out = "Every system is scored on the same test records of each task (n in the table)"
+    if paired["n_excluded"]:
+        out += (f"; {paired['n_excluded']} test record(s) without a usable audio embedding are left out for every "
+                "system (results.json: paired.excluded)")
+    if summary.get("stage1", {}).get("per_seed") is False:
+        out += ". One stage-1 projector serves every seed: the ± covers stage 2 only"
+    elif summary.get("stage1", {}).get("per_seed"):
+        out += ". Every seed re-trains stage 1 (its own projector) and stage 2"
+    return [out + ".", ""]
 
 
 def markdown_table(summary: dict) -> str:
@@ -87,6 +113,7 @@ def markdown_table(summary: dict) -> str:
         lines += [f"**{SIM_NOTE}.**", ""]
     lines += [f"AUROC, mean ± std over seeds {summary['seeds']}; [95% CI of the seed mean, patient-level "
               f"bootstrap, {summary['n_boot']} resamples].", ""]
+    lines += _paired_note(summary)
     lines.append("| Task | Role | n (pos) | " + " | ".join(systems) + " |")
     lines.append("|---|---|---|" + "---|" * len(systems))
     for group in ("supervised", "zero-shot"):
@@ -114,12 +141,12 @@ def write_tables(out: RunLayout | Path, summary: dict) -> None:
     """``results.csv``, ``results.json`` and ``results.md`` of the run."""
     layout = out if isinstance(out, RunLayout) else RunLayout(out)
     fields = ["task", "group", "system", "dataset", "simulated", "mean", "std", "ci_low", "ci_high", "n", "n_pos",
-              "n_patients", "n_test", "missing", "seeds", "auroc_per_seed", "reason"]
+              "n_patients", "n_test", "missing", "seeds", "auroc_per_seed", "reason", *OP_CSV_FIELDS]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
     w.writeheader()
     for r in summary["rows"]:
-        w.writerow(csv_row({**r, "seeds": " ".join(map(str, r["seeds"])),
+        w.writerow(csv_row({**r, **operating_csv(r), "seeds": " ".join(map(str, r["seeds"])),
                             "auroc_per_seed": " ".join(f"{s}:{v:.6f}" for s, v in r["auroc_per_seed"].items())}))
     for system, groups in summary["averages"].items():
         for group, a in groups.items():
@@ -128,7 +155,13 @@ def write_tables(out: RunLayout | Path, summary: dict) -> None:
     atomic_write_text(layout.results_csv, buf.getvalue())
     atomic_write_json(layout.results_json, _jsonable(summary))
     title = "# RespiraMFM evaluation" + (" (SIMULATED)" if summary["simulated"] else "") + "\n\n"
-    atomic_write_text(layout.results_md, title + markdown_table(summary))
+    atomic_write_text(layout.results_md, title + markdown_table(summary) + _differences_section(summary)
+                       + operating_table(summary) + shortcut_section(summary))
+
+
+def _differences_section(summary: dict) -> str:
+    table = differences_markdown(summary)
+    return f"\n## Paired differences to {summary['differences'][0]['reference']}\n\n{table}" if table else ""
 
 
 def _jsonable(x):

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from respiramfm.evaluate.budget import apply_budget, check_trained, options_budget, write_budget
 from respiramfm.evaluate.data import EvalData
 from respiramfm.evaluate.layout import finetune_dir
+from respiramfm.evaluate.finetune_run import existing_run
 from respiramfm.fusion.infer import items_to_resolved, predict_proba
 from respiramfm.fusion.train import finetune
 from respiramfm.fusion.train_config import FinetuneConfig
@@ -17,17 +19,24 @@ from respiramfm.models.fusion import RespiraMFM
 from respiramfm.models.processing import InputProcessor
 
 
-def trained_respiramfm(data: EvalData, seed: int, work_dir: Path, options: dict):
+def trained_respiramfm(data: EvalData, seed: int, work_dir: Path, options: dict, system: str = "respiramfm"):
     """The protocol's RespiraMFM for ``seed``: fine-tuned (stage 2, selected on validation) and loaded.
 
     ``options["finetune_dir"]`` (optional, may contain ``{seed}``) puts the training run
     somewhere else than ``work_dir/finetune``, e.g. where ``respiramfm finetune`` already
     trained with the same config: training then resumes from its last checkpoint (no work).
+    It trains with the unit's budget (``options["budget"]``, recorded in ``work_dir/budget.json``).
     """
-    cfg: FinetuneConfig = options["finetune"]
+    unit = options_budget(options, system)
+    if options.get("finetune_run"):  # a finished `respiramfm finetune` run, checked against this evaluation
+        model, cfg = existing_run(data, seed, options["finetune_run"])
+        write_budget(work_dir, system, check_trained(cfg, unit, system, options["finetune_run"]))
+        return model, cfg
+    cfg: FinetuneConfig = apply_budget(options["finetune"], unit.budget)
+    write_budget(work_dir, system, unit)
     run_dir = finetune_dir(work_dir, options.get("finetune_dir") or "", seed)
     cfg.manifests, cfg.task_files, cfg.audio_store = data.manifests, data.task_files, data.audio_store
-    cfg.projector = cfg.projector or data.projector
+    cfg.projector = data.projector or cfg.projector  # the seed's own projector when stage 1 runs per seed
     cfg.tasks, cfg.seed, cfg.out_dir, cfg.progress = list(data.supervised), int(seed), str(run_dir), False
     finetune(cfg)
     return RespiraMFM.from_pretrained(run_dir / "model"), cfg

@@ -1,7 +1,8 @@
 """Stage-2 training data: (record, task) examples, cached once, batched by length and task.
 
-**Test records never enter training.** :func:`load_finetune_data` drops every
-``split == "test"`` row right after reading the manifests (it only checks, from
+**Test records never enter training**, and neither does any record of a dataset the run uses
+only for zero-shot tasks (:mod:`respiramfm.data.roles`: refused unless it is all test).
+:func:`load_finetune_data` drops every ``split == "test"`` row right after reading the manifests (it only checks, from
 the split column, that no patient straddles splits) and returns a
 :class:`FinetuneData` holding exactly two example sets: ``train`` (what the
 optimiser sees) and ``val`` (what selects the checkpoint). There is no third.
@@ -38,7 +39,8 @@ import numpy as np
 import torch
 
 from respiramfm.data.records import read_manifest
-from respiramfm.data.splits import check_no_leakage, is_simulated, split_records
+from respiramfm.data.roles import refuse_zero_shot_rows, run_tasks
+from respiramfm.data.splits import check_no_leakage, is_simulated, patient_label, split_records
 from respiramfm.data.task_defs import TASKS
 from respiramfm.data.tasks import get_task, load_tasks_yaml
 from respiramfm.errors import ConfigError, DataError
@@ -120,7 +122,7 @@ def _examples(records: list, tasks: list, split: str, processor: InputProcessor 
                     continue
                 row = rows[rec.record_id] = len(vectors)
                 vectors.append(item.audio)
-            out.append(Example(rec.record_id, f"{rec.dataset}/{rec.patient_id}", task.name, int(label),
+            out.append(Example(rec.record_id, patient_label(rec), task.name, int(label),
                                rec.audio_type or task.audio_type, record_context(rec), row))
     stores = processor.stores if processor is not None else []
     shape = tuple(stores[0].array.shape[1:]) if stores else (0,)
@@ -149,8 +151,12 @@ def default_tasks(task_files: Sequence[str]) -> list[str]:
 
 def load_finetune_data(manifests: Sequence[str], audio_stores: Sequence[str], task_names: Sequence[str],
                        task_files: Sequence[str] = (), val_fraction: float = 0.15,
-                       need_audio: bool = True) -> FinetuneData:
-    """Train/val examples of ``task_names`` (empty: :func:`default_tasks`); test rows are dropped on read."""
+                       need_audio: bool = True, stage: str = "finetune") -> FinetuneData:
+    """Train/val examples of ``task_names`` (empty: :func:`default_tasks`); test rows are dropped on read.
+
+    Train/val rows of a dataset the run uses only for zero-shot tasks are refused
+    (:func:`~respiramfm.data.roles.refuse_zero_shot_rows`, naming ``stage``).
+    """
     if not manifests:
         raise ConfigError("no manifest given (manifests=[...])")
     if need_audio and not audio_stores:
@@ -168,6 +174,7 @@ def load_finetune_data(manifests: Sequence[str], audio_stores: Sequence[str], ta
             seen[r.record_id] = m
             records.append(r)
     check_no_leakage(records)  # reads only the split column of test rows
+    refuse_zero_shot_rows(records, run_tasks(task_files, names), stage=stage, path=manifests[0])
     records = [r for r in records if r.split != "test"]  # ---- test data ends here ----
     datasets = {t.dataset for t in tasks}
     present = {r.dataset for r in records} & datasets

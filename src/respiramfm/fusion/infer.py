@@ -32,7 +32,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from accelerate.utils import gather_object
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_auc_score, roc_curve
 from transformers import DynamicCache
 
 from respiramfm.fusion.data import resolved_items
@@ -79,7 +79,7 @@ def _forward(model, resolved: list, prefix: tuple[int, ...] | None, cache) -> to
     embeds = fill_audio(embeds, batch.audio_mask, batch.audio)
     past = expand_kv(model, cache, len(resolved)) if prefix else None
     return model.forward_embeds(embeds, batch.attention_mask, batch.position_ids, batch.last_index,
-                                past_key_values=past)
+                                past_key_values=past, audio_mask=batch.audio_mask)
 
 
 def _groups(resolved: list) -> "OrderedDict[tuple[int, ...], list[int]]":
@@ -163,12 +163,15 @@ def predict_proba(model, resolved: Sequence, batch_size: int = 32, use_cache: bo
     return torch.softmax(logits.double(), dim=-1)[:, 1].numpy()
 
 
-def validation_metrics(model, prep, acc, batch_size: int = 32, trunk=None) -> dict:
-    """Loss, per-task AUROC (tasks holding both classes), their mean and accuracy on prepared examples.
+def validation_metrics(model, prep, acc, batch_size: int = 32, trunk=None, threshold=None) -> dict:
+    """Loss, per-task AUROC (tasks holding both classes), their mean and the balanced accuracy at
+    each task's Youden threshold (:func:`youden_balanced_accuracy`) on prepared examples.
 
     Under several processes each scores every ``num_processes``-th example and all receive
     the gathered result, so every process takes the same selection decision. ``trunk`` (a
     :class:`~respiramfm.fusion.trunk_cache.TrunkCache`) scores from cached frozen-layer states.
+    ``threshold`` (a :class:`~respiramfm.evaluate.operating.ThresholdConfig`) adds ``thresholds``:
+    each task's decision threshold chosen by its rule on these validation scores (:func:`task_thresholds`).
     """
     world = acc.num_processes if acc is not None else 1
     rank = acc.process_index if acc is not None else 0
@@ -187,9 +190,35 @@ def validation_metrics(model, prep, acc, batch_size: int = 32, trunk=None) -> di
     y = labels.numpy()
     aurocs = {str(t): float(roc_auc_score(y[tasks == t], probs[tasks == t])) for t in sorted(set(tasks))
               if 0 < y[tasks == t].sum() < (tasks == t).sum()}
-    return {"val_loss": float(torch.nn.functional.cross_entropy(logits, labels)), "val_auroc": aurocs,
-            "val_mean_auroc": float(np.mean(list(aurocs.values()))) if aurocs else None,
-            "val_accuracy": float(((probs >= 0.5).astype(int) == y).mean()), "n_val": len(rows)}
+    out = {"val_loss": float(torch.nn.functional.cross_entropy(logits, labels)), "val_auroc": aurocs,
+           "val_mean_auroc": float(np.mean(list(aurocs.values()))) if aurocs else None,
+           "val_balanced_accuracy": youden_balanced_accuracy(y, probs, tasks), "n_val": len(rows)}
+    if threshold is not None:
+        out["thresholds"] = task_thresholds(y, probs, tasks, threshold)
+    return out
+
+
+def task_thresholds(y: np.ndarray, probs: np.ndarray, tasks: np.ndarray, threshold) -> dict:
+    """``{task: choose_threshold(...)}`` for every task whose validation scores hold both classes."""
+    from respiramfm.evaluate.operating import choose_threshold
+
+    return {str(t): choose_threshold(y[tasks == t], probs[tasks == t], threshold.rule, threshold.target)
+            for t in sorted(set(tasks)) if 0 < y[tasks == t].sum() < (tasks == t).sum()}
+
+
+def youden_balanced_accuracy(y: np.ndarray, probs: np.ndarray, tasks: np.ndarray) -> float | None:
+    """Mean over tasks (both classes present) of the balanced accuracy at each task's Youden threshold.
+
+    Not accuracy at 0.5: with 58 % positives, "always positive" scores 0.58 there whatever the AUROC.
+    The threshold maximising sensitivity + specificity - 1 is chosen on these same scores (optimistic,
+    a description of validation, not a test figure)."""
+    out = []
+    for t in sorted(set(tasks)):
+        yt, pt = y[tasks == t], probs[tasks == t]
+        if 0 < yt.sum() < len(yt):
+            fpr, tpr, _ = roc_curve(yt, pt)
+            out.append(float(0.5 * (1.0 + np.max(tpr - fpr))))
+    return float(np.mean(out)) if out else None
 
 
 def items_to_resolved(model, items: Sequence) -> list:
@@ -204,4 +233,5 @@ def items_to_resolved(model, items: Sequence) -> list:
 
 
 __all__ = ["expand_kv", "items_to_resolved", "plain_logits", "predict_logits", "predict_proba", "prefix_kv",
-           "prompt_first", "shared_prefix_logits", "validation_metrics"]
+           "prompt_first", "shared_prefix_logits", "task_thresholds", "validation_metrics",
+           "youden_balanced_accuracy"]

@@ -32,11 +32,14 @@ import numpy as np
 from respiramfm.data.records import read_manifest, resolve_audio_path
 from respiramfm.encoders.registry import get_encoder
 from respiramfm.errors import CheckpointError, ConfigError, RespiraMFMError
-from respiramfm.fusion.predict_io import CSV_FIELDS, ProgressLog, write_outputs
+from respiramfm.fusion import model_facts
+from respiramfm.fusion.predict_io import CSV_FIELDS, ProgressLog, manifest_metrics, write_metrics, write_outputs
 from respiramfm.models.fusion import RespiraMFM
 from respiramfm.models.processing import AudioInput, InputProcessor, parse_metadata, record_context
 from respiramfm.models.sequence import FusionItem
 from respiramfm.utils.io import sha256_file
+from respiramfm.utils.progress import add_run_flags, apply_threads_flag
+from respiramfm.utils.progress import progress as progress_bar
 
 
 class Predictor:
@@ -50,6 +53,7 @@ class Predictor:
         self.encoder_checkpoint = encoder_checkpoint
         self._encoder = encoder
         self.model_id = self._model_id()
+        model_facts.check_compat(self.model, self.model_dir, used_with="this model")
         fe = self.model.cfg.encoder
         self.frontend = fe.frontend_config() if fe.frontend else get_encoder(fe.name).frontend
         self.processor = InputProcessor(self.frontend, embed=self.embed_specs)
@@ -143,8 +147,11 @@ class Predictor:
         """The answer for one scored item (shared by :meth:`predict` and the server's batches)."""
         task_obj = item.task
         return {"probability": prob, "task": task_obj.name, "disease": task_obj.disease,
+                **model_facts.decision(self.model, task_obj, prob),
                 "modalities_used": list(used), "model": self.model_id,
-                "warnings": self._warnings(audio_given, context_given, used)}
+                "warnings": self._warnings(audio_given, context_given, used)
+                + model_facts.warnings_for(self.model, task_obj),
+                "trained_on": model_facts.trained_on(self.model)}
 
     def request_item(self, audio: AudioInput | None = None, symptoms: str | None = None,
                      metadata: dict | str | None = None, task: str | None = None, embed: bool = True) -> FusionItem:
@@ -159,8 +166,13 @@ class Predictor:
     # ------------------------------------------------------------------ batch prediction
     def predict_manifest(self, manifest: str | os.PathLike, task: str, out: str | os.PathLike,
                          errors: str | os.PathLike | None = None, batch_size: int = 16,
-                         resume: bool = True) -> dict:
-        """Predict every record of a manifest; returns a summary (counts and output paths)."""
+                         resume: bool = True, progress: bool = True, n_boot: int = 1000) -> dict:
+        """Predict every record of a manifest; returns a summary (counts and output paths).
+
+        ``progress``: a bar on a terminal, else plain lines on stderr (:mod:`respiramfm.utils.progress`).
+        Each row carries the decision at the model's validation threshold; when rows carry labels the
+        summary adds ``metrics`` (AUROC with a patient-level CI, operating points, counts at the
+        threshold; ``n_boot`` resamples), also written to ``OUT.metrics.json``."""
         task_obj = self.model.get_task(task)
         records = read_manifest(manifest)
         out = Path(out)
@@ -170,6 +182,7 @@ class Predictor:
         todo = [r for r in records if not log.done(r.record_id)]
         manifest_dir = Path(manifest).parent
         use_audio = self.model.cfg.mode != "text_only"
+        bar = progress_bar(len(todo), f"predict {task_obj.name}", "record", enabled=progress)
         for start in range(0, len(todo), max(1, batch_size)):
             chunk = todo[start:start + max(1, batch_size)]
             paths = {r.record_id: resolve_audio_path(r, manifest_dir) for r in chunk}
@@ -201,10 +214,25 @@ class Predictor:
             probs = self.model.predict_proba(items, batch_size=batch_size) if items else []
             for row, p in zip(rows, probs):
                 row["probability"] = f"{float(p):.8f}"
+                d = model_facts.decision(self.model, task_obj, float(p))  # as predict() decides
+                row["decision"] = "" if d["decision"] is None else d["decision"]
+                row["threshold"] = "" if d["threshold"] is None else d["threshold"]
                 log.row(row)
+            bar.update(len(chunk))
+        bar.close()
+        rows = list(log.rows.values())
         n_rows, n_err = write_outputs(log, out, errors)
-        return {"predicted": n_rows, "errors": n_err, "records": len(records), "out": str(out),
-                "errors_file": str(errors), "model": self.model_id, "task": task_obj.name}
+        rule = model_facts.decision(self.model, task_obj, 0.0)
+        result = {"predicted": n_rows, "errors": n_err, "records": len(records), "out": str(out),
+                  "errors_file": str(errors), "model": self.model_id, "task": task_obj.name,
+                  "threshold": rule["threshold"], "threshold_rule": rule["threshold_rule"],
+                  "warnings": model_facts.warnings_for(self.model, task_obj),
+                  "trained_on": model_facts.trained_on(self.model)}
+        metrics = manifest_metrics(rows, result["threshold"], n_boot)
+        if metrics is not None:  # labels present: AUROC with a patient-level CI and the operating points
+            result["metrics"] = metrics
+            result["metrics_file"] = str(write_metrics(out, metrics))
+        return result
 
 
 # ---------------------------------------------------------------------- CLI
@@ -226,6 +254,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoder-checkpoint", help="audio encoder checkpoint, if not where config.json says")
     parser.add_argument("--allow-download", action="store_true",
                         help="let a hub-id backbone named in config.json be downloaded (default: local files only)")
+    add_run_flags(parser, "batch mode: no progress bar (plain progress lines on stderr instead)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -236,11 +265,13 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--manifest cannot be combined with --audio/--symptoms/--metadata/--attribution")
     elif not (args.audio or args.symptoms or args.metadata):
         raise ConfigError("give --audio and/or --symptoms/--metadata (or --manifest with --out)")
+    apply_threads_flag(args.threads)
     predictor = Predictor.from_pretrained(args.model, device=args.device, encoder_checkpoint=args.encoder_checkpoint,
                                           allow_download=args.allow_download)
     if args.manifest:
         result = predictor.predict_manifest(args.manifest, args.task, args.out, args.errors,
-                                            batch_size=args.batch_size, resume=not args.no_resume)
+                                            batch_size=args.batch_size, resume=not args.no_resume,
+                                            progress=not args.no_progress)
     else:
         metadata = parse_metadata(args.metadata) if args.metadata else None
         result = predictor.predict(audio_path=args.audio, symptoms=args.symptoms, metadata=metadata,

@@ -16,10 +16,10 @@ import json
 import os
 from pathlib import Path
 
-from respiramfm.utils.io import atomic_write_text, csv_row
+from respiramfm.utils.io import atomic_write_json, atomic_write_text, csv_row
 
-CSV_FIELDS = ["record_id", "patient_id", "dataset", "split", "task", "label", "probability", "modalities_used",
-              "warnings"]
+CSV_FIELDS = ["record_id", "patient_id", "dataset", "split", "task", "label", "probability", "decision",
+              "threshold", "modalities_used", "warnings"]
 ERROR_FIELDS = ["record_id", "path", "error"]
 class ProgressLog:
     """Append-only record of finished rows and errors for one (model, task, manifest) run."""
@@ -92,3 +92,45 @@ def write_outputs(log: ProgressLog, out: Path, errors: Path) -> tuple[int, int]:
     atomic_write_text(errors, _table(ERROR_FIELDS, log.errors.values(), delimiter="\t"))
     log.path.unlink(missing_ok=True)
     return len(log.rows), len(log.errors)
+
+
+def manifest_metrics(rows, threshold: float | None, n_boot: int = 1000) -> dict | None:
+    """AUROC with a patient-level 95% CI, the operating points and the decision counts at the model's
+    threshold over the rows that carry a label; None when no row does.
+
+    Patients are ``dataset/patient_id`` (ids are only unique within a dataset).
+    """
+    import numpy as np
+
+    from respiramfm.evaluate.metrics import bootstrap_auroc
+    from respiramfm.evaluate.operating import at_threshold, operating_points
+
+    labelled = [r for r in rows if str(r.get("label", "")) != ""]
+    if not labelled:
+        return None
+    y = np.array([int(r["label"]) for r in labelled])
+    p = np.array([float(r["probability"]) for r in labelled])
+    patients = [f"{r['dataset']}/{r['patient_id']}" for r in labelled]
+    out = {"n_labelled": len(labelled), "n_unlabelled": len(list(rows)) - len(labelled), "n_boot": n_boot,
+           "auroc": bootstrap_auroc(y, p, patients, n_boot=n_boot, seed=0).to_dict(),
+           "operating_points": operating_points(y, p, patients, n_boot=n_boot, seed=0),
+           "at_threshold": at_threshold(y, p, threshold) if threshold is not None else None}
+    return _finite(out)
+
+
+def _finite(x):
+    """JSON-safe: NaN/inf -> None (the CLI prints strict JSON)."""
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    if isinstance(x, float) and x != x or x in (float("inf"), float("-inf")):
+        return None
+    return x
+
+
+def write_metrics(out: Path, metrics: dict) -> Path:
+    """``OUT.metrics.json`` beside the predictions CSV."""
+    path = out.with_name(out.stem + ".metrics.json")
+    atomic_write_json(path, metrics)
+    return path

@@ -1,8 +1,8 @@
 """Stage 2: fine-tune the fusion model (LoRA + head) on the supervised tasks (``respiramfm finetune``).
 
-The official recipe (docs/paper.md §4; ``configs/finetune_official.yaml``): AdamW lr 1e-5,
-betas (0.9, 0.95), eps 1e-8, weight decay 0.1, cosine schedule, 20 epochs, batch 4,
-seed 420, tasks T1-T4 concatenated. Two official defects are fixed by construction:
+The official recipe (docs/paper.md §4; ``configs/paper/finetune.yaml``, ``--config paper``): AdamW lr 1e-5,
+betas (0.9, 0.95), eps 1e-8, weight decay 0.1, cosine schedule, 20 epochs, batch 16 (the
+released config says 4), seed 420, tasks T1-T4 concatenated. Two official defects are fixed by construction:
 
 * **selection on validation, never test** (defect 3): the data layer drops test rows
   on read (:func:`respiramfm.fusion.data.load_finetune_data`), so neither the training
@@ -49,12 +49,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from respiramfm.align.compat import check_projector
 from respiramfm.config import add_config_arguments, load_config, save_config, to_dict
 from respiramfm.data.tasks import all_tasks
 from respiramfm.errors import ConfigError, DataError
 from respiramfm.fusion.data import load_finetune_data, micro_batches, plan_epoch, prepare_examples, resolved_items
 from respiramfm.fusion.infer import shared_prefix_logits, validation_metrics
-from respiramfm.fusion.train_config import RESUME_FREE, FinetuneConfig, OptimConfig, finetune_budget
+from respiramfm.fusion.train_config import RESUME_FREE, FinetuneConfig, OptimConfig, ThresholdConfig, finetune_budget
 from respiramfm.fusion.trunk_cache import TrunkCache
 from respiramfm.models.configuration import EncoderInfo, ProjectorConfig
 from respiramfm.models.fusion import RespiraMFM, load_configured_backbone
@@ -63,6 +64,7 @@ from respiramfm.training.config import RunSettings
 from respiramfm.training.engine import TrainTask, Trainer, make_accelerator
 from respiramfm.training.optim import lr_lambda  # noqa: F401  (re-exported)
 from respiramfm.utils.io import atomic_write_json, atomic_write_text, csv_row, user_cache_dir
+from respiramfm.utils.progress import add_run_flags
 
 
 @dataclass
@@ -79,11 +81,18 @@ def _fingerprint(cfg: FinetuneConfig) -> dict:
     d = to_dict(cfg)
     for k in RESUME_FREE:
         d.pop(k, None)
+    if d.get("threshold") == to_dict(ThresholdConfig()):  # the default rule: runs checkpointed before it existed resume
+        d.pop("threshold")
     return d
 
 
 def build_model(cfg: FinetuneConfig, data, device) -> RespiraMFM:
-    """The fusion model with the frozen projector and the encoder facts of the audio store."""
+    """The fusion model with the frozen projector and the encoder facts of the audio store.
+
+    The projector must have been aligned with this audio store's encoder and this LLM (same layer
+    cut): :func:`respiramfm.align.compat.check_projector` refuses anything else. Its provenance,
+    that record included, is carried into the saved model (``config.json``, ``projector.provenance``).
+    """
     fcfg = copy.deepcopy(cfg.model)
     meta = data.audio_meta
     if meta:
@@ -95,6 +104,8 @@ def build_model(cfg: FinetuneConfig, data, device) -> RespiraMFM:
     if cfg.projector:
         projector, _ = load_projector(cfg.projector)
         provenance = read_projector_json(cfg.projector).get("provenance", {})
+        # a projector aligned with another encoder, LLM or layer cut is refused (align/compat.py)
+        check_projector(provenance, meta or None, backbone.identity(), backbone.hidden_size, path=cfg.projector)
     else:  # text-only: an identity-shaped stand-in that never sees audio
         projector = Projector(ProjectorConfig(kind="linear", in_dim=fcfg.encoder.out_dim, out_dim=backbone.hidden_size,
                                               final="none"))
@@ -139,7 +150,8 @@ class FinetuneTask(TrainTask):
         if cfg.trunk_cache:
             if self.world > 1:
                 raise ConfigError("trunk_cache runs in one process (one writer per cache store)")
-            self.trunk = TrunkCache(model, cfg.trunk_cache_dir or user_cache_dir("trunk_cache"), cfg.accept_eval_trunk)
+            self.trunk = TrunkCache(model, cfg.trunk_cache_dir or user_cache_dir("trunk_cache"), cfg.accept_eval_trunk,
+                                    precision="bf16" if acc.mixed_precision == "bf16" else "fp32")  # training's, keyed
             self.trunk.build(resolved_items(model, self.train_prep, range(len(self.train_prep))), cfg.eval_batch_size)
 
     def ddp_module(self):
@@ -165,10 +177,12 @@ class FinetuneTask(TrainTask):
 
     def evaluate(self) -> dict:
         with self.acc.autocast():
-            return validation_metrics(self.model, self.val_prep, self.acc, self.cfg.eval_batch_size, self.trunk)
+            return validation_metrics(self.model, self.val_prep, self.acc, self.cfg.eval_batch_size, self.trunk,
+                                      threshold=self.cfg.threshold)
 
     def on_evaluate(self, trainer, row: dict) -> None:
         if row["improved"] and trainer.is_main:
+            stamp_model(self.model, self.data, row)
             self.model.save_pretrained(Path(self.cfg.out_dir) / "model", extra=_training_info(self.cfg, self.data, row))
 
 
@@ -216,7 +230,7 @@ def finetune(cfg: FinetuneConfig, data=None, model=None, callbacks=()) -> Finetu
 def _finetune(cfg: FinetuneConfig, data, model, callbacks) -> FinetuneResult:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    acc = make_accelerator(cfg.device, "bf16" if cfg.precision == "bf16" else "no", out)
+    acc = make_accelerator(cfg.device, cfg.precision, out)  # "auto": bf16 only where it is faster (engine.py)
     if data is None:
         data = load_finetune_data(cfg.manifests, cfg.audio_store, cfg.tasks, cfg.task_files, cfg.val_fraction,
                                   need_audio=cfg.model.mode != "text_only")
@@ -236,17 +250,44 @@ def _finetune(cfg: FinetuneConfig, data, model, callbacks) -> FinetuneResult:
     evals = trainer.evaluations()
     best_row = next(r for r in reversed(evals) if r["step"] == st["best_step"])
     if acc.is_main_process:
+        stamp_model(model, data, best_row)
         model.save_pretrained(out / "model", extra=_training_info(cfg, data, best_row))
         _write_reports(out, cfg, data, st, best_row, trainer.steps_run, seconds, trainer.total_steps)
     acc.wait_for_everyone()
     return FinetuneResult(out, st["best_step"], best_row, st["step"], st["stopped"], evals)
 
 
+def stamp_model(model: RespiraMFM, data, row: dict) -> None:
+    """Give ``model`` what its directory records beside the weights: the decision thresholds chosen on
+    validation in ``row`` (tasks without both classes in validation get none) and what it trained on."""
+    from respiramfm.align.compat import recorded
+
+    model.thresholds = {t: dict(v) for t, v in (row.get("thresholds") or {}).items()}
+    datasets: dict[str, dict] = {}
+    for part in (data.train, data.val):
+        for e in part.examples:
+            ds = datasets.setdefault(data.tasks[e.task].dataset, {"records": {"train": set(), "val": set()},
+                                                                  "patients": {"train": set(), "val": set()}})
+            ds["records"][part.split].add(e.record_id)
+            ds["patients"][part.split].add(e.patient)
+    sim = {t.dataset: bool(t.simulated) or t.dataset.lower().startswith("sim") for t in data.tasks.values()}
+    if data.simulated and not any(sim.values()):  # simulated records under unflagged tasks: flag them all
+        sim = dict.fromkeys(sim, True)
+    trained = sorted(data.tasks)
+    model.trained_on = {
+        "simulated": bool(data.simulated), "val_source": str(data.val_source), "tasks_trained": trained,
+        "tasks_not_trained": sorted(set(model.tasks) - set(trained)),
+        "projector": recorded(model.projector_provenance),
+        "datasets": {name: {"simulated": bool(sim.get(name)),
+                            **{f"{s}_{k}": len(v[k][s]) for k in ("records", "patients") for s in ("train", "val")}}
+                     for name, v in sorted(datasets.items())}}
+
+
 def _training_info(cfg: FinetuneConfig, data, res: dict) -> dict:
     return {"stage": "finetune", "selected_on": "validation", "select_metric": cfg.select_metric,
             "step": res["step"], "epoch": res["epoch"], "tasks": sorted(data.tasks), "mixing": cfg.mixing,
             "seed": cfg.seed, "simulated": data.simulated, "val_source": data.val_source,
-            "val": {k: res.get(k) for k in ("val_loss", "val_auroc", "val_mean_auroc", "val_accuracy", "n_val")}}
+            "val": {k: res.get(k) for k in ("val_loss", "val_auroc", "val_mean_auroc", "val_balanced_accuracy", "n_val")}}
 
 
 def _write_reports(out: Path, cfg, data, st: dict, best_row: dict, steps_run: int, seconds: float, total: int) -> None:
@@ -267,15 +308,20 @@ def _write_reports(out: Path, cfg, data, st: dict, best_row: dict, steps_run: in
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, "YAML config (configs/finetune.yaml, configs/finetune_official.yaml)",
+    add_config_arguments(parser, "YAML config (configs/finetune.yaml, configs/paper/finetune.yaml)",
                          "--set batch_size=8 --set model.lora.r=8 --set tasks=[T1,T4]")
     parser.add_argument("--fresh", action="store_true", help="ignore (and replace) checkpoints already in out_dir")
+    add_run_flags(parser)  # --threads N / --no-progress: the same as --set threads=N / --set progress=false
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(FinetuneConfig, args.config, args.overrides)
     if args.fresh:
         cfg.resume = False
+    if args.threads:
+        cfg.threads = args.threads
+    if args.no_progress:
+        cfg.progress = False
     result = finetune(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         b = result.best

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from respiramfm.errors import ConfigError
+from respiramfm.evaluate.operating import ThresholdConfig
 from respiramfm.fusion.data import MIXINGS
 from respiramfm.models.configuration import FusionConfig
 from respiramfm.training.config import SCHEDULES, Budget, OptimConfig
@@ -39,7 +40,7 @@ class FinetuneConfig:
     grad_accum: int = 1
     epochs: int = 20
     max_steps: int = 0                                     # > 0: stop after that many optimiser steps
-    precision: str = "fp32"                                # fp32 | bf16
+    precision: str = "fp32"                                # fp32 | bf16 | auto (bf16 where it is faster here)
     seed: int = 420
     eval_every: int = 0                                    # optimiser steps between validations; 0 = per epoch
     eval_batch_size: int = 32
@@ -55,14 +56,16 @@ class FinetuneConfig:
     trunk_cache: bool = False       # with model.lora.top_layers: train on cached states of the frozen layers below
     trunk_cache_dir: str = ""       # "" = the user cache (shared by runs, seeds and systems; keyed by content)
     accept_eval_trunk: bool = False  # allow the cache although layers below the cut have dropout (run in eval mode)
+    # each task's decision threshold, chosen on validation and saved with the model: youden | sensitivity (target)
+    threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
 
     def validate(self) -> "FinetuneConfig":
         if self.mixing not in MIXINGS:
             raise ConfigError(f"mixing must be one of {MIXINGS}, got {self.mixing!r}")
         if self.optim.schedule not in SCHEDULES:
             raise ConfigError(f"optim.schedule must be one of {SCHEDULES}, got {self.optim.schedule!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.precision not in ("fp32", "bf16", "auto"):
+            raise ConfigError(f"precision must be fp32, bf16 or auto, got {self.precision!r}")
         if self.select_metric not in SELECT_KEYS:
             raise ConfigError(f"select_metric must be auroc or loss, got {self.select_metric!r}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -73,6 +76,7 @@ class FinetuneConfig:
         if min(self.max_steps, self.eval_every, self.patience, self.threads, self.optim.warmup_steps) < 0:
             raise ConfigError("max_steps, eval_every, patience, threads and optim.warmup_steps must be >= 0")
         self.optim.validate()
+        self.threshold.validate()
         if not self.projector and self.model.mode != "text_only":
             raise ConfigError("projector is not set (the `respiramfm align` output directory)")
         self.model.validate()
@@ -84,7 +88,8 @@ def finetune_budget(cfg: FinetuneConfig) -> Budget:
     key, mode = SELECT_KEYS[cfg.select_metric]
     return Budget(optim=cfg.optim, epochs=cfg.epochs, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
                   grad_accum=cfg.grad_accum, eval_every=cfg.eval_every, eval_unit="step", select_metric=key,
-                  select_mode=mode, patience=cfg.patience)
+                  select_mode=mode, patience=cfg.patience, mixing=cfg.mixing)
 
 
-__all__ = ["FinetuneConfig", "OptimConfig", "RESUME_FREE", "SCHEDULES", "SELECT_KEYS", "finetune_budget"]
+__all__ = ["FinetuneConfig", "OptimConfig", "RESUME_FREE", "SCHEDULES", "SELECT_KEYS", "ThresholdConfig",
+           "finetune_budget"]

@@ -15,8 +15,8 @@ produced, so absolute position embeddings or embedding dropout are never applied
 twice). Attention mask, rotary positions and pooling are the model's own.
 
 Keys: the store folder is named by the identity of everything below the cut (base
-weights, tokenizer, dtype, depth, the cut, attention implementation, library
-versions); a record's key hashes its token ids, segment layout and projected audio.
+weights, tokenizer, dtype, depth, the cut, the precision the trunk runs in, attention
+implementation, library versions); a record's key hashes its token ids, segment layout and projected audio.
 Anything that changes produces other keys, so stale entries are never read.
 
 Prompts are shared as in training: the build runs each distinct prompt through the
@@ -54,6 +54,7 @@ from respiramfm.models.sequence import collate, fill_audio
 from respiramfm.fusion.trunk_store import FORMAT, TrunkStore
 
 VERSION = 2
+PRECISIONS = ("fp32", "bf16")  # the trunk's autocast: fp32 = none, bf16 = CPU/CUDA bfloat16 autocast
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 
 
@@ -274,11 +275,11 @@ def item_key(item) -> str:
     return h.hexdigest()
 
 
-def trunk_identity(model, cut: int) -> dict:
-    """Everything the trunk's output depends on besides the record itself."""
+def trunk_identity(model, cut: int, precision: str = "fp32") -> dict:
+    """Everything the trunk's output depends on besides the record itself (the autocast precision included)."""
     inner = model.inner_decoder()
     return {"format": FORMAT, "version": VERSION, "backbone": model.base_identity, "arch": model.backbone.arch,
-            "cut": int(cut), "total_layers": len(decoder_layers(model)[2]),
+            "cut": int(cut), "total_layers": len(decoder_layers(model)[2]), "precision": precision,
             "attn_implementation": str(getattr(inner.config, "_attn_implementation", "")),
             "padding_side": model.cfg.padding_side, "hidden_size": int(model.hidden_size),
             "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__}
@@ -287,12 +288,15 @@ def trunk_identity(model, cut: int) -> dict:
 class TrunkCache:
     """The frozen trunk of one fusion model, cached on disk under ``root``."""
 
-    def __init__(self, model, root: str | os.PathLike, accept_eval_trunk: bool = False):
+    def __init__(self, model, root: str | os.PathLike, accept_eval_trunk: bool = False, precision: str = "fp32"):
         self.model = model
         self.cut = lora_cut(model)
         self.accept_eval_trunk = bool(accept_eval_trunk)
+        if precision not in PRECISIONS:
+            raise ConfigError(f"trunk cache: precision must be one of {PRECISIONS}, got {precision!r}")
+        self.precision = precision  # the trunk always runs in it, whatever autocast the caller is in
         check_cacheable(model, self.cut, training=False)
-        self.identity = trunk_identity(model, self.cut)
+        self.identity = trunk_identity(model, self.cut, precision)
         digest = hashlib.sha256(json.dumps(self.identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
         self.store = TrunkStore(Path(root) / digest, self.identity, model.hidden_size, model.backbone.dtype)
         self.computed = 0  # records whose trunk ran in this process (0 when everything was cached)
@@ -313,22 +317,27 @@ class TrunkCache:
             groups.setdefault(tuple(value) if shared else (), []).append(i)
         was_training = self.model.training
         self.model.eval()
+        bf16 = self.precision == "bf16"
         try:
-            for prefix, idx in groups.items():
-                idx.sort(key=lambda i: -sum(v.shape[0] if k == "audio" else len(v) for k, v in resolved[i].segments))
-                parent, cache = "", None
-                if prefix:
-                    parent = "prompt:" + hashlib.sha256(np.asarray(prefix, dtype=np.int64).tobytes()).hexdigest()
-                    cache, states = trunk_prefix(self.model, prefix, self.cut)
-                    self.store.append({parent: states})
-                for s in range(0, len(idx), max(1, batch_size)):
-                    chunk = idx[s:s + batch_size]
-                    states = trunk_states(self.model, [resolved[i] for i in chunk], self.cut, prefix or None, cache)
-                    self.store.append({keys[i]: st for i, st in zip(chunk, states)}, parent=parent)
+            with torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=bf16):
+                self._build_groups(groups, resolved, keys, batch_size)
         finally:
             self.model.train(was_training)
         self.computed += len(todo)
         return len(todo)
+
+    def _build_groups(self, groups: dict, resolved: Sequence, keys: list[str], batch_size: int) -> None:
+        for prefix, idx in groups.items():
+            idx.sort(key=lambda i: -sum(v.shape[0] if k == "audio" else len(v) for k, v in resolved[i].segments))
+            parent, cache = "", None
+            if prefix:
+                parent = "prompt:" + hashlib.sha256(np.asarray(prefix, dtype=np.int64).tobytes()).hexdigest()
+                cache, states = trunk_prefix(self.model, prefix, self.cut)
+                self.store.append({parent: states})
+            for s in range(0, len(idx), max(1, batch_size)):
+                chunk = idx[s:s + batch_size]
+                states = trunk_states(self.model, [resolved[i] for i in chunk], self.cut, prefix or None, cache)
+                self.store.append({keys[i]: st for i, st in zip(chunk, states)}, parent=parent)
 
     def logits(self, resolved: Sequence, shared_prompt: bool = True) -> torch.Tensor:
         """Logits (B, 2) from cached trunk states (built on demand); autograd flows through the top only.

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from respiramfm.cache import VectorCache, content_key, exclusive, remove_stale_tmp
 from respiramfm.cache.tables import read_tsv, write_tsv
@@ -37,6 +36,8 @@ from respiramfm.errors import ConfigError, DataError
 from respiramfm.llm import text_embed
 from respiramfm.llm.backbones import load_backbone
 from respiramfm.utils.io import atomic_write_json
+from respiramfm.utils.progress import add_run_flags, apply_threads_flag
+from respiramfm.utils.progress import progress as progress_bar
 
 FORMAT = "respiramfm-text-targets"
 VERSION = 2  # 2: vectors live in the shared vector cache (1 had its own chunk files)
@@ -99,7 +100,7 @@ def _read_meta(directory: Path) -> dict:
 
 
 def embed_texts(out_dir: str | os.PathLike, backbone, texts: Iterable[str], space: str = "hidden_mean",
-                max_tokens: int = 125, batch_size: int = 16, chunk_size: int = 256) -> dict:
+                max_tokens: int = 125, batch_size: int = 16, chunk_size: int = 256, progress: bool = True) -> dict:
     """Make sure the store holds a target for every distinct non-empty text; compute only what is missing.
 
     Returns counts and ``no_tokens``: the texts that could not be embedded
@@ -107,11 +108,11 @@ def embed_texts(out_dir: str | os.PathLike, backbone, texts: Iterable[str], spac
     """
     directory = Path(out_dir)
     with _writer_lock(directory):
-        return _embed_locked(directory, backbone, texts, space, max_tokens, batch_size, chunk_size)
+        return _embed_locked(directory, backbone, texts, space, max_tokens, batch_size, chunk_size, progress)
 
 
 def _embed_locked(directory: Path, backbone, texts: Iterable[str], space: str, max_tokens: int, batch_size: int,
-                  chunk_size: int) -> dict:
+                  chunk_size: int, progress: bool = True) -> dict:
     if space not in text_embed.SPACES:
         raise ConfigError(f"unknown text-target space {space!r} (expected one of {text_embed.SPACES})")
     if chunk_size < 1:
@@ -130,7 +131,7 @@ def _embed_locked(directory: Path, backbone, texts: Iterable[str], space: str, m
         token_ids = text_embed.tokenize(backbone, [t for _, t in todo], max_tokens)
         no_tokens += [t for (_, t), ids in zip(todo, token_ids) if not ids]
         todo = [kt for kt, ids in zip(todo, token_ids) if ids]
-    with tqdm(total=len(todo), desc="embed-text", unit="text", disable=None) as bar:
+    with progress_bar(len(todo), "embed-text", "text", enabled=progress) as bar:
         for start in range(0, len(todo), chunk_size):
             part = todo[start:start + chunk_size]
             vecs = text_embed.text_targets(backbone, [t for _, t in part], space, max_tokens, batch_size)
@@ -141,7 +142,7 @@ def _embed_locked(directory: Path, backbone, texts: Iterable[str], space: str, m
 
 
 def embed_manifest(manifest: str | os.PathLike, out_dir: str | os.PathLike, backbone, space: str = "hidden_mean",
-                   max_tokens: int = 125, batch_size: int = 16, chunk_size: int = 256) -> dict:
+                   max_tokens: int = 125, batch_size: int = 16, chunk_size: int = 256, progress: bool = True) -> dict:
     """Targets for every record's ``context``; records without a usable context go to ``errors.tsv``.
 
     The context is embedded exactly as written (a template's explicit "not
@@ -151,7 +152,7 @@ def embed_manifest(manifest: str | os.PathLike, out_dir: str | os.PathLike, back
     directory = Path(out_dir)
     with _writer_lock(directory):
         counts = _embed_locked(directory, backbone, [r.context for r in records], space, max_tokens, batch_size,
-                               chunk_size)
+                               chunk_size, progress)
         bad = set(counts.pop("no_tokens"))
         mapping = _read_map(directory / "records.tsv", RECORD_COLUMNS)
         errors = _read_map(directory / "errors.tsv", ERROR_COLUMNS)
@@ -257,16 +258,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-layers", type=int, default=0,
                         help="keep the LLM's first N decoder layers (0 = all; match stage 2's model.num_layers)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    add_run_flags(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.max_tokens < 1 or args.batch_size < 1 or args.chunk_size < 1 or args.num_layers < 0:
         raise ConfigError("--max-tokens, --batch-size and --chunk-size must be positive, --num-layers >= 0")
+    apply_threads_flag(args.threads)
     backbone = load_backbone(args.backbone, dtype=args.dtype, revision=args.revision, device=args.device)
     if args.num_layers:
         backbone.keep_first_layers(args.num_layers)
     report = embed_manifest(args.manifest, args.out, backbone, space=args.space, max_tokens=args.max_tokens,
-                            batch_size=args.batch_size, chunk_size=args.chunk_size)
+                            batch_size=args.batch_size, chunk_size=args.chunk_size, progress=not args.no_progress)
     print(f"embed-text: {report['records']} records, {report['unique_texts']} unique texts "
           f"({report['computed']} computed, {report['reused']} reused), {report['errors']} errors -> {args.out}")
     if report["errors"]:

@@ -72,10 +72,11 @@ class HTSATConfig:
 
 @dataclass
 class ProjectorConfig:
-    """Shape of the stage-1 projector. ``out_dim=None`` means "the text store's dimension"."""
+    """Shape of the stage-1 projector. ``in_dim=None`` / ``out_dim=None`` mean "the audio / text store's width"
+    (``respiramfm align`` fills them in from the stores it reads)."""
 
     kind: str = "mlp"
-    in_dim: int = 768
+    in_dim: int | None = 768
     hidden: int = 1024
     out_dim: int | None = None
     dropout: float = 0.1
@@ -86,7 +87,9 @@ class ProjectorConfig:
             raise ConfigError(f"projector.kind must be one of {PROJECTOR_KINDS}, got {self.kind!r}")
         if self.final not in PROJECTOR_FINALS:
             raise ConfigError(f"projector.final must be one of {PROJECTOR_FINALS}, got {self.final!r}")
-        dims = {"in_dim": self.in_dim, "hidden": self.hidden}
+        dims = {"hidden": self.hidden}
+        if self.in_dim is not None:
+            dims["in_dim"] = self.in_dim
         if self.out_dim is not None:
             dims["out_dim"] = self.out_dim
         for name, v in dims.items():

@@ -78,6 +78,8 @@ class RespiraMFM(SavedModel):
         # Identity of the *base* weights, taken before LoRA layers join the state dict.
         self.base_identity = self.backbone.identity()
         self.saved_config: dict | None = None  # config.json when loaded from a directory
+        self.thresholds: dict = {}  # task -> decision threshold chosen on validation (models/saved.py)
+        self.trained_on: dict = {}  # what stage 2 trained and validated on (datasets, tasks, simulated)
         decoder = self.backbone.decoder()
         if any(".lora_" in name for name, _ in decoder.named_parameters()):
             raise ConfigError("this backbone already carries LoRA adapters (used by another model); load a fresh one")
@@ -211,8 +213,12 @@ class RespiraMFM(SavedModel):
         return fill_audio(embeds, batch.audio_mask.to(self.device), projected)
 
     def forward_embeds(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                       last_index: torch.Tensor, past_key_values=None, output_attentions: bool = False):
-        """Logits (B, 2) from ready embeddings; ``attention_mask`` may omit the cached prefix columns."""
+                       last_index: torch.Tensor, past_key_values=None, output_attentions: bool = False,
+                       audio_mask: torch.Tensor | None = None):
+        """Logits (B, 2) from ready embeddings; ``attention_mask`` may omit the cached prefix columns.
+
+        ``audio_mask`` (B, L) marks the audio columns; this head pools the last real token and ignores
+        it (a head that reads the audio positions, RespLLM's FlattenHead, needs it)."""
         hidden, _ = self._run(inputs_embeds, attention_mask, position_ids, past_key_values, output_attentions)
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index.to(hidden.device)]
         return self.head(pooled.to(self.head.weight.dtype))
@@ -231,7 +237,7 @@ class RespiraMFM(SavedModel):
         if past_key_values is not None and past_key_values.get_seq_length() != batch.prefix_len:
             raise DataError(f"cache holds {past_key_values.get_seq_length()} tokens, batch expects {batch.prefix_len}")
         return self.forward_embeds(self.embed(batch), batch.attention_mask, batch.position_ids, batch.last_index,
-                                   past_key_values=past_key_values)
+                                   past_key_values=past_key_values, audio_mask=batch.audio_mask)
 
     @torch.no_grad()
     def predict_proba(self, items: Sequence[FusionItem], batch_size: int = 16) -> np.ndarray:
@@ -327,4 +333,5 @@ class RespiraMFM(SavedModel):
             load_adapter_strict(d / saved.ADAPTER_DIR, model.llm)
         model.head.load_state_dict(load_safetensors(d / saved.HEAD_NAME), strict=True)
         model.saved_config = info
+        model.thresholds, model.trained_on = dict(info.get("thresholds", {})), dict(info.get("trained_on", {}))
         return model.to(device).eval()

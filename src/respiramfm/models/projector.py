@@ -61,6 +61,8 @@ class Projector(SavedModel):
         cfg.validate()
         if cfg.out_dim is None:
             raise ConfigError("projector.out_dim is unset; it must equal the text target dimension")
+        if cfg.in_dim is None:
+            raise ConfigError("projector.in_dim is unset; it must equal the audio embedding dimension")
         self.cfg = cfg
         if cfg.kind == "mlp":
             layers: list[nn.Module] = [

@@ -53,7 +53,16 @@ LABELS = {"0": "absent", "1": "present"}
 IDENTITY_KEYS = ("name", "revision", "arch", "weights", "tokenizer", "dtype")
 REQUIRED = ("fusion", "backbone", "projector", "tasks", "files")
 SECTION_TYPES = {"fusion": dict, "backbone": dict, "projector": dict, "tasks": dict, "files": dict, "lora": dict,
-                 "encoder": dict, "frontend": dict, "tensors": dict, "labels": dict, "training": dict}
+                 "encoder": dict, "frontend": dict, "tensors": dict, "labels": dict, "training": dict,
+                 "thresholds": dict, "trained_on": dict}
+THRESHOLD_RULES = ("youden", "sensitivity")  # evaluate/operating.py chooses; stage 2 records
+NUM = (int, float)
+THRESHOLD_KEYS = {"threshold": NUM, "rule": str, "target": (int, float, type(None)), "val_sensitivity": NUM,
+                  "val_specificity": NUM, "n_val": int, "n_val_pos": int}
+TRAINED_ON_KEYS = {"simulated": bool, "datasets": dict, "tasks_trained": list, "tasks_not_trained": list,
+                   "val_source": str, "projector": dict}
+DATASET_KEYS = {"simulated": bool, "train_records": int, "val_records": int, "train_patients": int,
+                "val_patients": int}
 MAX_FILES = 64
 TASK_BOOLS = ("unseen_disease", "simulated")
 
@@ -95,6 +104,8 @@ def build_config(model, extra: dict | None, files: dict[str, str]) -> dict:
         "tensors": tensors,
         "files": files,
         "training": dict(extra or {}),
+        "thresholds": {str(k): dict(v) for k, v in sorted(getattr(model, "thresholds", {}).items())},
+        "trained_on": dict(getattr(model, "trained_on", {})),
     }
 
 
@@ -170,6 +181,8 @@ def read_config(directory: str | os.PathLike) -> dict:
     for name, task in info["tasks"].items():
         _check_task(str(name)[:40], task, p)
     _check_file_list(info["files"], d, p)
+    _check_thresholds(info.get("thresholds", {}), p)
+    _check_trained_on(info.get("trained_on", {}), p)
     _check_tensor_manifest(info.get("tensors", {}), p)
     return info
 
@@ -187,6 +200,37 @@ def _check_task(name: str, task, p: Path) -> None:
             expect_type(value, dict, f"{where}.extra", p)
         else:
             expect_type(value, str, f"{where}.{str(key)[:40]}", p)
+
+
+def _check_keys(value: dict, schema: dict, where: str, p: Path) -> None:
+    for key, item in value.items():
+        if key not in schema:
+            raise CheckpointError(f"{where}: unknown key {str(key)[:40]!r}", path=p)
+        expect_type(item, schema[key], f"{where}.{key}", p)
+
+
+def _check_thresholds(thresholds: dict, p: Path) -> None:
+    """Each task's decision threshold: a probability in [0, 1] and the rule that chose it."""
+    for name, t in thresholds.items():
+        where = f"{CONFIG_NAME}: thresholds.{str(name)[:40]}"
+        expect_type(t, dict, where, p)
+        _check_keys(t, THRESHOLD_KEYS, where, p)
+        if "threshold" not in t or not 0.0 <= float(t["threshold"]) <= 1.0:
+            raise CheckpointError(f"{where}.threshold must be a probability in [0, 1]", path=p)
+        if t.get("rule") not in THRESHOLD_RULES:
+            raise CheckpointError(f"{where}.rule must be one of {THRESHOLD_RULES}", path=p)
+
+
+def _check_trained_on(trained_on: dict, p: Path) -> None:
+    """What the model was trained on: known keys of known types (datasets -> counts and the simulated flag)."""
+    where = f"{CONFIG_NAME}: trained_on"
+    _check_keys(trained_on, TRAINED_ON_KEYS, where, p)
+    for name, ds in trained_on.get("datasets", {}).items():
+        expect_type(ds, dict, f"{where}.datasets.{str(name)[:40]}", p)
+        _check_keys(ds, DATASET_KEYS, f"{where}.datasets.{str(name)[:40]}", p)
+    for key in ("tasks_trained", "tasks_not_trained"):
+        if not all(isinstance(t, str) for t in trained_on.get(key, [])):
+            raise CheckpointError(f"{where}.{key} must be a list of task names", path=p)
 
 
 def _check_file_list(files: dict, d: Path, p: Path) -> None:

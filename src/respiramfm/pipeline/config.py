@@ -18,8 +18,9 @@ from respiramfm.encoders.pretrain import PretrainConfig
 from respiramfm.errors import ConfigError
 from respiramfm.evaluate.config import EvaluateConfig
 from respiramfm.fusion.train_config import FinetuneConfig
+from respiramfm.pipeline.folds import CrossValidation
 
-PRESETS = ("simulated", "real")
+PRESETS = ("simulated", "real", "real-lung")
 
 
 @dataclass
@@ -65,11 +66,14 @@ class PipelineConfig:
     align: AlignConfig = field(default_factory=AlignConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    cv: CrossValidation = field(default_factory=CrossValidation)   # real-lung: ICBHI k-fold (pipeline.folds)
 
     def validate(self) -> "PipelineConfig":
         if self.preset not in PRESETS:
             raise ConfigError(f"preset must be one of {PRESETS}, got {self.preset!r}")
-        if self.preset == "real" and not self.data_root:
+        if self.preset == "real-lung":
+            self.cv.validate()
+        if self.preset in ("real", "real-lung") and not self.data_root:
             raise ConfigError("the real-data pipeline needs data_root (--data-root DIR)")
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0 (0 = detect), got {self.threads}")

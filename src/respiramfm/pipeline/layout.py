@@ -30,6 +30,14 @@ class PipelineLayout:
     def dataset_manifest(self, key: str) -> Path:
         return self.data / f"{key}.csv"
 
+    def seed_encoder(self, seed: int) -> Path:
+        """The encoder pretrained for seed ``seed`` (after the first) when every seed re-runs pretraining."""
+        return self.root / "seeds" / f"seed{int(seed)}" / "encoder"
+
+    def seed_audio(self, seed: int) -> Path:
+        """``embed`` with that seed's encoder."""
+        return self.root / "seeds" / f"seed{int(seed)}" / "audio_emb"
+
     def finetune(self, seed: int | str = "{seed}") -> Path:
         """Stage 2 of one seed (``{seed}`` left in: the evaluation's shared ``finetune_dir`` pattern)."""
         return self.root / "finetune" / f"seed{seed}"

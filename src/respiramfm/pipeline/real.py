@@ -58,9 +58,9 @@ def zero_shot_only() -> set[str]:
 
 
 def prepare_dataset(key: str, root: Path, out: Path, seed: int, whole_test: bool) -> None:
-    """``respiramfm prepare KEY`` with its defaults (every patient to test when ``whole_test``)."""
+    """``respiramfm prepare KEY`` with its defaults; ``whole_test``: ``--role zero-shot`` (every record in test)."""
     args = argparse.Namespace(source=key, root=root, out=out, report=None, splits="assign", seed=seed,
-                              fractions=(0.0, 0.0, 1.0) if whole_test else (0.7, 0.1, 0.2),
+                              fractions=(0.7, 0.1, 0.2), role="zero-shot" if whole_test else "supervised",
                               **ADAPTER_OPTIONS.get(key, {}))
     prepare(args)
 

@@ -23,6 +23,7 @@ from respiramfm.config import save_config
 from respiramfm.data.simulate import SimConfig, simulate_cohort
 from respiramfm.encoders.pretrain import pretrain
 from respiramfm.encoders.store import EmbeddingStore, embed_manifest
+from respiramfm.evaluate.budget import pipeline_budget, quick_finetune
 from respiramfm.evaluate.data import supervised_tasks
 from respiramfm.evaluate.protocol import evaluate
 from respiramfm.evaluate.registry import available
@@ -47,12 +48,21 @@ def prepare_simulated(cfg: PipelineConfig, lay: PipelineLayout) -> Inputs:
                   {"simulated": True}, "(SIMULATED data: no evidence about real patients)")
 
 
-def audio_encoder(cfg: PipelineConfig, lay: PipelineLayout, inputs: Inputs, threads: int) -> tuple[str, str]:
-    """(encoder name, checkpoint) of the embed stage; pretrains the tiny HTS-AT first when asked."""
+def audio_encoder(cfg: PipelineConfig, lay: PipelineLayout, inputs: Inputs, threads: int,
+                  seed: int | None = None) -> tuple[str, str]:
+    """(encoder name, checkpoint) of the embed stage; pretrains the tiny HTS-AT first when asked.
+
+    ``seed``: pretrain the encoder of that evaluation seed (after the first) into its own folder,
+    seeded ``pretrain.seed + (seed - first seed)``.
+    """
     if not cfg.encoder.pretrain:
         return cfg.encoder.name, cfg.encoder.checkpoint
     pcfg = copy.deepcopy(cfg.pretrain)
-    pcfg.manifests, pcfg.out_dir, pcfg.progress = [str(inputs.manifest)], str(lay.encoder), False
+    out = lay.encoder if seed is None else lay.seed_encoder(seed)
+    if seed is not None:
+        pcfg.seed = int(pcfg.seed) + int(seed) - int(cfg.evaluate.seeds[0])
+    pcfg.manifests, pcfg.out_dir, pcfg.progress = [str(inputs.manifest)], str(out), False
+    pcfg.task_files = list(inputs.task_files)  # the run's tasks: zero-shot-only datasets are refused
     pcfg.torch_threads = pcfg.torch_threads or threads
     return "opera-ct", str(pretrain(pcfg, resume=True))
 
@@ -63,24 +73,55 @@ def embed_text_stage(cfg: PipelineConfig, lay: PipelineLayout, manifest: Path) -
     return embed_texts(manifest, lay.text, backbone, batch_size=cfg.text.batch_size)
 
 
-def align_stage(cfg: PipelineConfig, lay: PipelineLayout, manifest: Path, threads: int):
+def seed_encoders(cfg: PipelineConfig, lay: PipelineLayout, inputs: Inputs, threads: int, stage) -> dict:
+    """{seed: [audio store]}: when the run pretrains its encoder, every seed after the first pretrains its own
+    encoder and embeds with it (its stage 1 and every system of that seed then use those embeddings)."""
+    if not (cfg.encoder.pretrain and cfg.evaluate.stage1_per_seed):
+        return {}
+    stores = {}
+    for seed in cfg.evaluate.seeds[1:]:
+        name, ckpt = stage(f"pretrain-audio seed{seed}", audio_encoder, cfg, lay, inputs, threads, int(seed))
+        stage(f"embed seed{seed}", embed_manifest, inputs.manifest, lay.seed_audio(seed), name, checkpoint=ckpt,
+              batch_size=cfg.encoder.batch_size, device=cfg.device, progress=False)
+        stores[int(seed)] = [str(lay.seed_audio(seed))]
+    return stores
+
+
+def align_config(cfg: PipelineConfig, lay: PipelineLayout, manifest: Path, threads: int, task_files=(), tasks=()):
+    """Stage 1's settings: the run's tasks (stage 1 aligns on their supervised datasets), the stores.
+
+    When every seed re-trains stage 1 (``evaluate.stage1_per_seed``), this run is the first seed's,
+    seeded with it, and the protocol reuses it for that seed (:func:`evaluate_config`).
+    """
     acfg = copy.deepcopy(cfg.align)
+    acfg.task_files, acfg.tasks = list(task_files), list(tasks)
     acfg.audio_store, acfg.text_store, acfg.manifest = str(lay.audio), str(lay.text), str(manifest)
     acfg.out_dir, acfg.progress, acfg.threads = str(lay.align), False, acfg.threads or threads
     acfg.projector.in_dim = EmbeddingStore(lay.audio).dim
-    return train_align(acfg)
+    if cfg.evaluate.stage1_per_seed:
+        acfg.seed = int(cfg.evaluate.seeds[0])
+    return acfg
+
+
+def align_stage(cfg: PipelineConfig, lay: PipelineLayout, manifest: Path, threads: int, task_files=(), tasks=()):
+    return train_align(align_config(cfg, lay, manifest, threads, task_files, tasks))
 
 
 def finetune_config(cfg: PipelineConfig, lay: PipelineLayout, inputs: Inputs, threads: int):
-    fcfg = copy.deepcopy(cfg.finetune)
+    fcfg = quick_finetune(copy.deepcopy(cfg.finetune), cfg.quick)  # the quick cap every evaluated system gets
     fcfg.manifests, fcfg.task_files, fcfg.audio_store = [str(inputs.manifest)], list(inputs.task_files), [str(lay.audio)]
     fcfg.projector, fcfg.tasks, fcfg.seed = str(lay.align), list(inputs.trained), int(cfg.evaluate.seeds[0])
     fcfg.out_dir, fcfg.progress, fcfg.threads = str(lay.finetune(fcfg.seed)), False, fcfg.threads or threads
     return fcfg.validate()
 
 
-def evaluate_config(cfg: PipelineConfig, lay: PipelineLayout, inputs: Inputs, fcfg, encoder_ckpt: str):
-    """The protocol's settings: the stage-2 run above is shared by ``respiramfm`` and ``missing_text``."""
+def evaluate_config(cfg: PipelineConfig, lay: PipelineLayout, inputs: Inputs, fcfg, encoder_ckpt: str,
+                    acfg=None):
+    """The protocol's settings: the stage-2 run above is shared by ``respiramfm`` and ``missing_text``.
+
+    With ``stage1_per_seed`` the protocol aligns every other seed itself with ``acfg`` (the
+    pipeline's stage-1 settings) and reuses this run's projector for the first seed.
+    """
     ecfg = copy.deepcopy(cfg.evaluate)
     ecfg.manifests, ecfg.task_files, ecfg.audio_store = [str(inputs.manifest)], list(inputs.task_files), [str(lay.audio)]
     ecfg.text_store, ecfg.projector, ecfg.encoder = str(lay.text), str(lay.align), encoder_ckpt
@@ -91,6 +132,11 @@ def evaluate_config(cfg: PipelineConfig, lay: PipelineLayout, inputs: Inputs, fc
         options.setdefault(name, {})["finetune_dir"] = str(lay.finetune())
     ecfg.systems_options = options
     ecfg.finetune = copy.deepcopy(fcfg)
+    ecfg.budget = pipeline_budget(cfg.evaluate.budget, fcfg, cfg.quick)  # stage 2's budget is every system's
+    if ecfg.stage1_per_seed:
+        acfg = acfg or align_config(cfg, lay, inputs.manifest, 0, inputs.task_files, inputs.evaluated)
+        ecfg.align = copy.deepcopy(acfg)
+        ecfg.seed_projectors = {int(acfg.seed): str(lay.align)}
     return ecfg.validate()
 
 
@@ -124,11 +170,13 @@ def run_pipeline(cfg: PipelineConfig, callbacks: Sequence[PipelineCallback] = ()
         stage("embed", embed_manifest, inputs.manifest, lay.audio, name, checkpoint=ckpt or None,
               batch_size=cfg.encoder.batch_size, device=cfg.device, progress=False)
         stage("embed-text", embed_text_stage, cfg, lay, inputs.manifest)
-        stage("align", align_stage, cfg, lay, inputs.manifest, threads)
+        stage("align", align_stage, cfg, lay, inputs.manifest, threads, inputs.task_files, inputs.evaluated)
         fcfg = finetune_config(cfg, lay, inputs, threads)
         stage("finetune", finetune, fcfg, callbacks=stage.training_callbacks("finetune"))
         copy_model(Path(fcfg.out_dir) / "model", lay.model)
-        ecfg = evaluate_config(cfg, lay, inputs, fcfg, ckpt)
+        ecfg = evaluate_config(cfg, lay, inputs, fcfg, ckpt,
+                               align_config(cfg, lay, inputs.manifest, threads, inputs.task_files, inputs.evaluated))
+        ecfg.seed_audio_stores = seed_encoders(cfg, lay, inputs, threads, stage)
         stage("evaluate", evaluate, ecfg, log=log)
     finally:
         torch.set_num_threads(previous)

@@ -77,6 +77,10 @@ class Prediction(BaseModel):
     modalities_used: list[str]
     model: str
     warnings: list[str]
+    decision: int | None = None          # 1/0 at the task's validation threshold; null: none (see threshold_rule)
+    threshold: float | None = None
+    threshold_rule: str
+    trained_on: dict[str, Any]           # datasets (real or simulated) and tasks the model trained on
     attention: Attention | None = None
     audio: AudioInfo | None = None
     spectrogram_png: str | None = None

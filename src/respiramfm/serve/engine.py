@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from respiramfm.errors import AudioContentError, AudioDecodeError, ConfigError, DataError
+from respiramfm.fusion import model_facts
 from respiramfm.fusion.predict import Predictor
 from respiramfm.models.processing import Waveform, metadata_to_record, parse_metadata_text
 from respiramfm.serve.batcher import DEFAULT_MAX_BATCH, BatchedModel, Job, MicroBatcher
@@ -114,17 +115,29 @@ class Engine:
 
     # ------------------------------------------------------------------ descriptions
     def tasks(self) -> list[dict]:
+        """Every task the model can score. With a training record, ``role`` is what the model did with the task
+        ("supervised": trained in stage 2; "zero-shot": not trained), ``trained`` / ``dataset_seen`` say so, and a
+        task whose dataset the model never saw says that first in its description."""
         out = []
         for name, t in sorted(self.model.tasks.items(), key=lambda kv: _task_order(kv[0])):
-            out.append({"name": name, "disease": t.disease, "role": t.role, "description": t.description,
+            status = model_facts.task_status(self.model, t)
+            role, description = t.role, t.description
+            if status["trained"] is not None:
+                role = "supervised" if status["trained"] else "zero-shot"
+            if status["dataset_seen"] is False:
+                description = (f"Never seen in training: this model was not trained on any {t.dataset} "
+                               f"recording. {description}").strip()
+            out.append({"name": name, "disease": t.disease, "role": role, "description": description,
                         "dataset": t.dataset, "audio_type": t.audio_type, "unseen_disease": bool(t.unseen_disease),
-                        "simulated": bool(t.simulated)})
+                        "simulated": bool(t.simulated), **status,
+                        "has_threshold": name in (self.model.thresholds or {})})
         return out
 
     def info(self) -> dict:
         cfg = self.model.cfg
         return {"status": "ok", "model": self.predictor.model_id, "backbone": cfg.backbone, "mode": cfg.mode,
-                "encoder": cfg.encoder.name, "device": str(self.predictor.device), "limits": self.limits.as_dict()}
+                "encoder": cfg.encoder.name, "device": str(self.predictor.device), "limits": self.limits.as_dict(),
+                "trained_on": model_facts.trained_on(self.model)}
 
     # ------------------------------------------------------------------ checks
     def check_task(self, name: str | None):

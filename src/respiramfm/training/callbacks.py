@@ -176,6 +176,9 @@ class Progress(Callback):
     def on_step_end(self, trainer) -> None:
         if self.bar is not None and self.unit == "step":
             self.bar.update(1)
+        elif not self.enabled:  # bars off: a line every ``every_s`` even between logged rows
+            self._line(trainer, {"step": trainer.state["step"], "of": trainer.total_steps,
+                                 "epoch": trainer.state["epoch"]})
 
     def on_epoch_end(self, trainer) -> None:
         if self.bar is not None and self.unit == "epoch":

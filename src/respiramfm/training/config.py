@@ -2,9 +2,10 @@
 
 :class:`OptimConfig` names the optimiser and its learning-rate schedule; :class:`Budget`
 adds how long and how a run trains (epochs, batch, accumulation, clipping, validation
-cadence, selection and patience). Stage configs keep their own YAML keys and turn them
-into a :class:`Budget` for :class:`respiramfm.training.engine.Trainer`; a future
-"one budget for all systems" config can hold a :class:`Budget` directly.
+cadence, selection and patience, task mixing). Stage configs keep their own YAML keys and turn them
+into a :class:`Budget` for :class:`respiramfm.training.engine.Trainer`; the evaluation protocol
+holds one :class:`Budget` that every trained system of a run shares
+(:mod:`respiramfm.evaluate.budget`).
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ class Budget:
     select_metric: str = ""     # key of the evaluation row that selects the kept weights ("" = no selection)
     select_mode: str = "max"    # max | min | last (always keep the latest evaluation)
     patience: int = 0           # evaluations without improvement before stopping; 0 = never
+    # how a multi-task run mixes its tasks into step batches (concat | proportional | balanced); read by the
+    # stage-2 and end-to-end tasks when they plan an epoch (respiramfm.fusion.data.plan_epoch), not by the loop
+    mixing: str = "concat"
 
     def validate(self) -> "Budget":
         self.optim.validate()

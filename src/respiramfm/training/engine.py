@@ -41,13 +41,46 @@ STATE_KEYS = ("step", "epoch", "epoch_step", "best_step", "best_epoch", "best_va
 CURRENT_PREFIX = "cur::"
 
 
+_BF16_PAYS: dict[str, bool] = {}
+
+
+def bf16_pays(device: str = "cpu") -> bool:
+    """Whether bf16 autocast makes this machine's matrix products at least 10 % faster than fp32.
+
+    Measured once per process on the CPU (~0.2 s, a stage-2-sized linear layer, alternating rounds,
+    best of each): only CPUs with native bf16 dot products (AVX512-BF16, AMX) gain; on an AVX2-only
+    CPU torch falls back to a reference bf16 GEMM measured ~25x slower than fp32. True on CUDA.
+    """
+    if device not in ("cpu", "auto") or (device == "auto" and torch.cuda.is_available()):
+        return True
+    if "cpu" not in _BF16_PAYS:
+        x, lin = torch.randn(512, 576), torch.nn.Linear(576, 576)
+        best = {True: float("inf"), False: float("inf")}
+        with torch.no_grad():
+            for _ in range(3):
+                for bf16 in (False, True):
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                        t0 = time.perf_counter()
+                        lin(x)
+                        best[bf16] = min(best[bf16], time.perf_counter() - t0)
+        _BF16_PAYS["cpu"] = best[True] * 1.1 <= best[False]
+    return _BF16_PAYS["cpu"]
+
+
+def resolve_precision(precision: str, device: str = "auto") -> str:
+    """``auto`` -> ``bf16`` where :func:`bf16_pays`, else ``fp32``; any other value unchanged."""
+    return ("bf16" if bf16_pays(device) else "fp32") if precision == "auto" else precision
+
+
 def make_accelerator(device: str = "auto", precision: str = "no", project_dir: str | os.PathLike | None = None):
     """An Accelerator for one run; in a plain (non-launched) process an earlier, differently
-    configured accelerate state (e.g. a previous in-process run with another precision) is reset."""
+    configured accelerate state (e.g. a previous in-process run with another precision) is reset.
+    ``precision="auto"``: bf16 autocast only where it is faster here (:func:`resolve_precision`)."""
     from accelerate import Accelerator  # heavy: imported when a run starts, not with the package
     from accelerate.state import AcceleratorState
     from accelerate.utils import is_tensorboard_available
 
+    precision = resolve_precision(precision, device)
     precision = {"fp32": "no", "": "no"}.get(precision, precision)
     kw = dict(cpu=device == "cpu", mixed_precision=precision)
     if project_dir is not None and is_tensorboard_available():  # optional: metrics.jsonl is always written
@@ -361,5 +394,5 @@ class Trainer:
         return path
 
 
-__all__ = ["BEST_PREFIX", "CURRENT_PREFIX", "TrainTask", "Trainer", "assign_trainable", "make_accelerator",
-           "named_trainable"]
+__all__ = ["BEST_PREFIX", "CURRENT_PREFIX", "TrainTask", "Trainer", "assign_trainable", "bf16_pays", "make_accelerator",
+           "named_trainable", "resolve_precision"]

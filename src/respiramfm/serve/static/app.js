@@ -50,20 +50,31 @@ async function loadModelInfo() {
     limits = health.limits || limits;
     $("model-line").textContent = "Model " + health.model + " (" + health.backbone + ", " + health.mode +
       "). Uploads up to " + Math.round(limits.max_upload_bytes / 1048576) + " MB and " + limits.max_seconds + " s.";
+    showTrainedOn(health.trained_on);
   } catch (e) {
     $("model-line").textContent = "Could not reach the server.";
   }
   const select = $("task");
   try {
     const { tasks } = await (await fetch("/tasks")).json();
+    // Never preselect a task the model was not trained on: the first trained task, else a placeholder.
+    const placeholder = document.createElement("option");
+    placeholder.value = "";
+    placeholder.textContent = "- choose a task -";
+    placeholder.dataset.description = "";
+    select.append(placeholder);
+    let chosen = null;
     for (const t of tasks) {
       const opt = document.createElement("option");
       opt.value = t.name;
-      opt.textContent = t.name + " - " + t.disease + (t.role === "zero-shot" ? " (zero-shot)" : "") +
-        " - " + t.audio_type;
+      const note = t.dataset_seen === false ? " (never seen in training)" :
+        (t.role === "zero-shot" ? " (zero-shot)" : "");
+      opt.textContent = t.name + " - " + t.disease + note + " - " + t.audio_type;
       opt.dataset.description = t.description || "";
       select.append(opt);
+      if (chosen === null && t.trained === true) chosen = t.name;
     }
+    select.value = chosen || "";
     const describe = () => {
       const o = select.selectedOptions[0];
       $("task-description").textContent = o ? o.dataset.description : "";
@@ -153,6 +164,21 @@ function errorText(status, body) {
   return (body.error || "error") + " (HTTP " + status + "): " + detail;
 }
 
+function showTrainedOn(info) {
+  const line = $("trained-on");
+  if (!info || !info.recorded) {
+    line.textContent = "This model does not record what data it was trained on.";
+    return;
+  }
+  const parts = [];
+  if (info.real_datasets.length) parts.push("real data: " + info.real_datasets.join(", "));
+  if (info.simulated_datasets.length) parts.push("SIMULATED data: " + info.simulated_datasets.join(", "));
+  line.textContent = "Trained on " + parts.join("; ") + ". Tasks trained: " + info.tasks_trained.join(", ") + "." +
+    (info.simulated && !info.real_datasets.length ?
+      " This model has never seen a real recording; its output says nothing about real patients." : "");
+  if (info.simulated) line.className = "sim-warning";
+}
+
 function renderResult(r) {
   $("result-disease").textContent = r.disease + " (" + r.task + ")";
   $("probability").textContent = (100 * r.probability).toFixed(1) + "%";
@@ -160,6 +186,10 @@ function renderResult(r) {
   let meta = "Used: " + r.modalities_used.join(" + ") + ". Model: " + r.model + ".";
   if (r.audio) meta += " Audio: " + r.audio.format + ", " + r.audio.seconds.toFixed(1) + " s.";
   $("result-meta").textContent = meta;
+  $("decision").textContent = r.decision === undefined || r.decision === null ?
+    "Decision: " + (r.threshold_rule || "no threshold") + "." :
+    "Decision at the threshold " + r.threshold.toFixed(3) + ": condition " +
+      (r.decision === 1 ? "flagged" : "not flagged") + " (" + r.threshold_rule + ").";
   const ul = $("warnings");
   ul.replaceChildren();
   for (const w of r.warnings || []) {
@@ -199,6 +229,10 @@ async function submit(ev) {
   ev.preventDefault();
   hideError();
   const form = new FormData();
+  if (!$("task").value) {
+    showError("Choose a task first.");
+    return;
+  }
   form.append("task", $("task").value);
   const file = $("audio-file").files[0];
   const audio = file || recordedBlob;

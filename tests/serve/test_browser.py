@@ -89,7 +89,12 @@ def test_upload_symptoms_and_predict(page, live_server, predictor, recordings, t
 
 
 def test_record_in_browser_and_errors(page, live_server, tmp_path):
-    # nothing given: the page refuses before sending
+    # nothing given: the page refuses before sending. This model records no trained task, so no task is
+    # preselected (the page never picks one the model did not train on) and the task is asked for first
+    assert page.input_value("#task") == ""
+    page.click("#submit-btn")
+    assert "Choose a task first." in page.inner_text("#error")
+    page.select_option("#task", "T7")
     page.click("#submit-btn")
     assert "Add a recording and/or symptoms first." in page.inner_text("#error")
     # record ~2 s from the (fake) microphone: MediaRecorder gives webm/opus

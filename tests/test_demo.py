@@ -22,6 +22,8 @@ def test_quick_demo_end_to_end(tmp_path, capsys, smollm2):
     assert (out / "model" / "config.json").is_file() and (out / "model" / "head.safetensors").is_file()
     page = (out / "report.html").read_text()
     assert "SIMULATED" in page and "data:image/png;base64," in page and "https://" not in page
+    for heading in ("Paired differences to respiramfm", "Operating points", "Training budget"):
+        assert f"<h2>{heading}</h2>" in page, heading  # the protocol's paired CIs, operating points, one budget
     results = json.loads((out / "evaluate" / "results.json").read_text())
     assert results["simulated"] is True
     assert results["systems"] == ["respiramfm", "no_alignment", "respllm", "bts_frozen"]

@@ -21,19 +21,14 @@ import pytest
 from respiramfm.cli import main
 from respiramfm.data.records import read_manifest
 from respiramfm.data.tasks import get_task
+from testkit.tones import write_tone_wav
 
 ROOT = Path(__file__).resolve().parents[1]
 SR = 4000
 
 
 def _wav(path: Path, seconds: float, seed: int, tone: float) -> None:
-    import soundfile as sf
-
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * SR)) / SR
-    y = 0.05 * rng.standard_normal(t.size) + 0.2 * np.sin(2 * np.pi * tone * t)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(path, y.astype(np.float32), SR, subtype="PCM_16")
+    write_tone_wav(path, seconds, seed, tone, SR)
 
 
 def _icbhi_segments(root: Path) -> None:

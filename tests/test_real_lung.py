@@ -23,6 +23,7 @@ from respiramfm.pipeline.folds import assign_folds, fold_records
 from respiramfm.pipeline.config import PipelineConfig
 from respiramfm.pipeline.real_lung import real_lung, run_real_lung
 from respiramfm.pipeline.real_lung_report import collapse, pooled
+from testkit.tones import write_tone_wav
 
 SR = 4000
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,13 +33,7 @@ ICBHI = {**{100 + i: ("COPD", "Litt3200" if i % 2 else "Meditron") for i in rang
 
 
 def _wav(path: Path, seconds: float, seed: int, tone: float) -> None:
-    import soundfile as sf
-
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * SR)) / SR
-    y = 0.05 * rng.standard_normal(t.size) + 0.2 * np.sin(2 * np.pi * tone * t)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(path, y.astype(np.float32), SR, subtype="PCM_16")
+    write_tone_wav(path, seconds, seed, tone, SR)
 
 
 def build_icbhi(root: Path) -> None:
